@@ -1,0 +1,325 @@
+"""The library's decisions, message by message, without sockets (sans-IO core + a real shard)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from verdant_trio.library import LibraryCore, Outcome, decode_nonce
+from verdant_trio.libraries import encode_sends
+from verdant_trio.protocol import ReplicaType, validate_client_message
+from verdant_trio.storage.shard import Shard
+
+
+@dataclass
+class FakePeer:
+    key: int
+    user_id: str
+    type: ReplicaType = ReplicaType.REALTIME
+    realtime: bool = True
+    replica_id: str | None = None
+    profile: Any = None
+    inbox: list[dict[str, Any]] = field(default_factory=list)
+
+    def deliver(self, text: str) -> None:
+        self.inbox.append(orjson.loads(text))
+
+    def take(self, kind: str | None = None) -> list[dict[str, Any]]:
+        items = [m for m in self.inbox if kind is None or m["type"] == kind]
+        self.inbox = [m for m in self.inbox if not (kind is None or m["type"] == kind)]
+        return items
+
+
+class Harness:
+    def __init__(self, tmp_path: Any, now_ms: list[int] | None = None) -> None:
+        self.clock = now_ms or [1_000_000_000_000]
+        self.shard = Shard.open(
+            tmp_path / "lib.sqlite", truancy_minutes=60, now_ms=lambda: self.clock[0]
+        )
+        self.core = LibraryCore("lib", self.shard)
+        self._keys = iter(range(1, 10_000))
+
+    def peer(self, user: str, type: ReplicaType = ReplicaType.REALTIME) -> FakePeer:
+        peer = FakePeer(next(self._keys), user, type)
+        self.core.attach(peer)
+        return peer
+
+    def send(self, peer: FakePeer, message: dict[str, Any]) -> Outcome:
+        outcome = Outcome()
+        parsed = validate_client_message(message)
+        with self.shard.transaction():
+            self.core.handle(peer, parsed, outcome)
+        for text, peers in encode_sends(outcome.sends):
+            for target in peers:
+                target.deliver(text)
+        return outcome
+
+    def rebase(self, online: list[str] | None = None) -> Any:
+        with self.shard.transaction():
+            return self.core.rebase(online or [])
+
+    def sync(self, peer: FakePeer, replica: str, ts: str, **extra: Any) -> dict[str, Any]:
+        message = {
+            "type": "sync", "replicaId": replica, "timestamp": ts, "operations": [],
+            "baselines": [], "schemaVersion": 1, "since": None,
+        }
+        message.update(extra)
+        self.send(peer, message)
+        return [m for m in peer.take() if m["type"] in ("sync-resp", "need-since", "forbidden")][-1]
+
+    def ack_all(self, peer: FakePeer, replica: str, ts: str) -> None:
+        """What a caught-up client does: ack the newest server order and a timestamp."""
+        order = self.shard.latest_server_order()
+        from verdant_trio.library import encode_nonce
+
+        self.send(peer, {"type": "ack", "replicaId": replica, "nonce": encode_nonce(order)})
+        self.send(peer, {"type": "ack", "replicaId": replica, "timestamp": ts})
+
+
+def op(oid: str, ts: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"oid": oid, "timestamp": ts, "data": data}
+
+
+def t(n: int) -> str:
+    return f"0001{1700000000000 + n:013d}-000000"
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_new_library_initialised_by_first_replica(h: Harness) -> None:
+    a = h.peer("alice")
+    resp = h.sync(a, "ra", t(3), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    assert resp["overwriteLocalData"] is False
+    assert resp["operations"] == []
+    assert "ackThisNonce" not in resp
+    assert h.shard.operation_count() == 1
+    assert h.core.object_snapshot("items/1") == {"v": 1}
+
+
+def test_existing_replica_gets_only_newer_operations(h: Harness) -> None:
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    first = h.sync(b, "rb", t(3), resyncAll=True)
+    assert first["overwriteLocalData"] is True
+    h.send(b, {"type": "ack", "replicaId": "rb", "nonce": first["ackThisNonce"]})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(5), "operations": [op("items/1", t(4), {"op": "set", "name": "v", "value": 2})]})
+    again = h.sync(b, "rb", t(6), since=t(3))
+    assert again["overwriteLocalData"] is False
+    assert [o["timestamp"] for o in again["operations"]] == [t(4)]
+    assert decode_nonce(again["ackThisNonce"]) == 2
+
+
+def test_op_acks_sender_and_rebroadcasts_with_global_ack(h: Harness) -> None:
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(2))
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(4), "operations": [op("items/1", t(3), {"op": "initialize", "value": {}})]})
+    assert a.take("server-ack") == [{"type": "server-ack", "timestamp": t(4)}]
+    (rebroadcast,) = b.take("op-re")
+    assert rebroadcast["replicaId"] == "ra" and rebroadcast["globalAckTimestamp"] == t(2)
+    assert not a.take("op-re")
+
+
+def test_acknowledged_time_never_moves_backwards(h: Harness) -> None:
+    """Differs from the reference (issue 6.3): a late, older timestamp ack is ignored."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(10))
+    h.sync(b, "rb", t(10))
+    h.send(a, {"type": "ack", "replicaId": "ra", "timestamp": t(20)})
+    h.send(b, {"type": "ack", "replicaId": "rb", "timestamp": t(30)})
+    assert h.core.global_ack() == t(20)
+    h.send(a, {"type": "ack", "replicaId": "ra", "timestamp": t(5)})
+    assert h.shard.replica("ra").acked_logical_time == t(20)  # type: ignore[union-attr]
+    assert h.core.global_ack() == t(20)
+
+
+def test_rebase_folds_acknowledged_history_without_changing_data(h: Harness) -> None:
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(1))
+    ops = [
+        op("items/1", t(2), {"op": "initialize", "value": {"v": 1, "tags": []}}),
+        op("items/1", t(3), {"op": "set", "name": "v", "value": 2}),
+        op("items/1", t(4), {"op": "list-push", "name": "tags", "value": "a"}),
+    ]
+    # list-push targets the object itself here; it is a no-op on a non-list, as in the reference
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(5), "operations": ops})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(7), "operations": [op("items/2", t(6), {"op": "initialize", "value": {}})]})
+    before = h.core.object_snapshot("items/1")
+    h.ack_all(a, "ra", t(8))
+    h.ack_all(b, "rb", t(8))
+    result = h.rebase()
+    assert result.folded_operations == 3
+    assert h.core.object_snapshot("items/1") == before == {"v": 2, "tags": []}
+    baseline = h.shard.baseline("items/1")
+    assert baseline is not None and baseline.timestamp == t(4)
+    # the newest operation is never folded: its server order is what replicas acknowledge
+    assert [o.oid for o in h.shard.operations_after(0)] == ["items/2"]
+
+
+def test_late_older_operation_never_overwrites_a_baseline(h: Harness) -> None:
+    """Differs from the reference (issue 6.1): the older value must not win after compaction."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(1))
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3), "operations": [op("items/1", t(2), {"op": "initialize", "value": {"v": 1}})]})
+    h.send(b, {"type": "op", "replicaId": "rb", "timestamp": t(11), "operations": [op("items/1", t(10), {"op": "set", "name": "v", "value": "new"})]})
+    h.send(b, {"type": "op", "replicaId": "rb", "timestamp": t(13), "operations": [op("items/9", t(12), {"op": "initialize", "value": {}})]})
+    h.ack_all(a, "ra", t(20))
+    h.ack_all(b, "rb", t(20))
+    assert h.rebase().folded_operations == 2
+    assert h.shard.baseline("items/1").timestamp == t(10)  # type: ignore[union-attr]
+    # an offline edit made before the newer one arrives after compaction
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(21), "operations": [op("items/1", t(5), {"op": "set", "name": "v", "value": "old"})]})
+    assert h.core.object_snapshot("items/1") == {"v": "new"}
+    h.ack_all(a, "ra", t(30))
+    h.ack_all(b, "rb", t(30))
+    h.rebase()
+    assert h.core.object_snapshot("items/1") == {"v": "new"}
+    assert h.shard.baseline("items/1").snapshot() == {"v": "new"}  # type: ignore[union-attr]
+    # a replica that resets receives the same state
+    c = h.peer("carol")
+    resp = h.sync(c, "rc", t(40), resyncAll=True)
+    assert {b["oid"]: orjson.loads(orjson.dumps(b["snapshot"])) for b in resp["baselines"]}["items/1"] == {"v": "new"}
+
+
+def test_rebase_stops_at_first_unacknowledged_operation_of_an_object(h: Harness) -> None:
+    """An older operation not yet acknowledged blocks newer ones of the same object."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(1))
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3), "operations": [op("items/1", t(2), {"op": "initialize", "value": {"a": 0, "b": 0}})]})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(7), "operations": [op("items/1", t(6), {"op": "set", "name": "b", "value": 6})]})
+    h.ack_all(a, "ra", t(9))
+    h.ack_all(b, "rb", t(9))
+    # bob's edit made at t5 (before t6) arrives only now: its server order is newest, unacked
+    h.send(b, {"type": "op", "replicaId": "rb", "timestamp": t(8), "operations": [op("items/1", t(5), {"op": "set", "name": "a", "value": 5})]})
+    h.send(a, {"type": "ack", "replicaId": "ra", "timestamp": t(9)})
+    h.rebase()
+    baseline = h.shard.baseline("items/1")
+    assert baseline is not None and baseline.timestamp == t(2)
+    assert h.core.object_snapshot("items/1") == {"a": 5, "b": 6}
+
+
+def test_truant_replica_reset_receives_complete_history(h: Harness) -> None:
+    """Differs from the reference (issue 6.2): all baselines and ALL operations."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    resp = h.sync(b, "rb", t(1))
+    for i in range(5):
+        h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(10 + i), "operations": [op(f"items/{i}", t(10 + i), {"op": "initialize", "value": {"i": i}})]})
+    # bob has seen the first three
+    from verdant_trio.library import encode_nonce
+
+    h.send(b, {"type": "ack", "replicaId": "rb", "nonce": encode_nonce(3)})
+    assert h.shard.force_truant("rb")
+    resp = h.sync(b, "rb", t(20), since=t(1))
+    assert resp["overwriteLocalData"] is True
+    assert sorted(o["oid"] for o in resp["operations"]) == [f"items/{i}" for i in range(5)]
+
+
+def test_up_to_date_truant_replica_is_not_reset(h: Harness) -> None:
+    a = h.peer("alice")
+    h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {}})])
+    h.send(a, {"type": "ack", "replicaId": "ra", "nonce": __import__("verdant_trio.library", fromlist=["x"]).encode_nonce(1)})
+    h.shard.force_truant("ra")
+    resp = h.sync(a, "ra", t(5), since=t(1))
+    assert resp["overwriteLocalData"] is False
+
+
+def test_reset_with_full_history_offer_gets_baselines_too(h: Harness) -> None:
+    """A replica told to overwrite always gets everything (not just ops after its position)."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(1))
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3), "operations": [op("items/1", t(2), {"op": "initialize", "value": {"v": 1}})]})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(5), "operations": [op("items/2", t(4), {"op": "initialize", "value": {}})]})
+    h.ack_all(a, "ra", t(6))
+    h.ack_all(b, "rb", t(6))
+    h.rebase()
+    assert h.shard.baseline("items/1") is not None
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(9), "operations": [op("items/4", t(8), {"op": "initialize", "value": {}})]})
+    # bob has not seen items/4 and offers "everything from the start": he must reset to the
+    # server's state, which needs the baselines too (the reference sent only items/4)
+    resp = h.sync(b, "rb", t(10), since=None, operations=[op("items/3", t(7), {"op": "initialize", "value": {}})])
+    assert resp["overwriteLocalData"] is True
+    assert [x["oid"] for x in resp["baselines"]] == ["items/1"]
+    assert [x["oid"] for x in resp["operations"]] == ["items/2", "items/4"]
+    assert h.shard.operations_for("items/3") == []
+
+
+def test_resync_all_forgets_the_replica(h: Harness) -> None:
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {}})])
+    h.sync(b, "rb", t(2), resyncAll=True)
+    resp = h.sync(b, "rb", t(3), resyncAll=True)
+    assert resp["overwriteLocalData"] is True
+    assert len(resp["operations"]) == 1
+
+
+def test_duplicate_operations_are_ignored(h: Harness) -> None:
+    a = h.peer("alice")
+    message = {"type": "op", "replicaId": "ra", "timestamp": t(2), "operations": [op("items/1", t(1), {"op": "initialize", "value": {}})]}
+    h.sync(a, "ra", t(0))
+    h.send(a, message)
+    h.send(a, message)
+    assert h.shard.operation_count() == 1
+    assert h.shard.latest_server_order() == 1
+
+
+def test_passive_replicas_count_for_global_ack_only_while_online(h: Harness) -> None:
+    a = h.peer("alice")
+    p = h.peer("pat", ReplicaType.PASSIVE_REALTIME)
+    h.sync(a, "ra", t(10))
+    h.sync(p, "rp", t(5))
+    assert h.core.global_ack() == t(10)
+    assert h.shard.global_ack(["rp"]) == t(5)
+
+
+def test_rebase_marks_files_whose_refs_disappear(h: Harness) -> None:
+    a = h.peer("alice")
+    h.sync(a, "ra", t(1))
+    h.shard.put_file("f1", "photo.png", "image/png")
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3), "operations": [
+        op("items/1", t(2), {"op": "initialize", "value": {"image": {"@@type": "file", "id": "f1"}}}),
+    ]})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(5), "operations": [
+        op("items/1", t(4), {"op": "set", "name": "image", "value": None}),
+    ]})
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(7), "operations": [
+        op("items/2", t(6), {"op": "initialize", "value": {}}),
+    ]})
+    h.ack_all(a, "ra", t(8))
+    result = h.rebase()
+    assert result.deleted_file_ids == ["f1"]
+    row = h.shard.file("f1")
+    assert row is not None and row.pending_delete_at_ms == h.clock[0]
+
+
+def test_info_reports_replicas_and_counts(h: Harness) -> None:
+    a = h.peer("alice")
+    assert h.core.info() is None
+    h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {}})])
+    info = h.core.info()
+    assert info is not None
+    assert info["operationsCount"] == 1 and info["latestServerOrder"] == 1
+    assert info["replicas"][0]["id"] == "ra" and info["replicas"][0]["userId"] == "alice"
+    assert info["replicas"][0]["truant"] is False
+    h.shard.force_truant("ra")
+    assert h.core.info()["replicas"][0]["truant"] is True  # type: ignore[index]
+
+
+def test_hydrate_resolves_nested_objects_and_cycles(h: Harness) -> None:
+    a = h.peer("alice")
+    h.sync(a, "ra", t(0), operations=[
+        op("items/1", t(1), {"op": "initialize", "value": {"child": {"@@type": "ref", "id": "items/1:c"}, "f": {"@@type": "file", "id": "f9"}}}),
+        op("items/1:c", t(2), {"op": "initialize", "value": {"back": {"@@type": "ref", "id": "items/1"}, "n": 1}}),
+    ])
+    doc = h.core.hydrate("items/1", lambda fid: {"id": fid})
+    assert doc == {"child": {"back": None, "n": 1}, "f": {"id": "f9"}}

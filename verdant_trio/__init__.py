@@ -1,0 +1,1 @@
+"""verdant-trio: a Trio sync server for Verdant apps."""

@@ -1,0 +1,263 @@
+"""Connected replicas: one connection object per websocket, one per HTTP sync request.
+
+A websocket connection owns three tasks in its own nursery:
+- the reader parses frames, answers `heartbeat` itself (the client gives up after 3 s, so a
+  heartbeat is never queued behind a busy library) and puts library messages on a small bounded
+  inbound channel;
+- the forwarder moves them into the library's inbox (blocking there is backpressure);
+- the writer drains the bounded outbound channel into the socket.
+
+Backpressure story: a peer that stops reading fills its TCP buffer, then the writer blocks, then
+its outbound channel fills; the library never waits for it. The next message the library hands
+over finds the channel full and the connection is closed with 1013 ("try again later") and a log
+line. The client reconnects and resyncs from its last acknowledged position, so nothing is lost
+and a slow consumer can never make the server's memory grow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import trio
+
+from .errors import ErrorCode
+from .libraries import LibraryGone, LibraryHost
+from .protocol import Heartbeat, ProtocolError, ReplicaType, encode, parse_client_message
+from .tokens import TokenInfo
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008
+CLOSE_INTERNAL_ERROR: Final = 1011
+CLOSE_TRY_AGAIN_LATER: Final = 1013
+CLOSE_IDLE: Final = 4008
+"""Application close code: no frame (not even a heartbeat) within the idle timeout."""
+
+HEARTBEAT_RESPONSE: Final = encode({"type": "heartbeat-response"})
+_keys = itertools.count(1)
+
+
+def next_key() -> int:
+    return next(_keys)
+
+
+class Disconnected(Exception):
+    """The websocket is gone (closed by the peer, or the transport failed)."""
+
+
+class Transport(Protocol):
+    """The few websocket operations a connection needs, whatever serves the socket."""
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSettings:
+    outbound_queue: int = 1024
+    inbound_queue: int = 64
+    idle_timeout_s: float = 120.0
+    max_protocol_errors: int = 16
+    close_timeout_s: float = 2.0
+
+
+class Counters(Protocol):
+    """What connections report to metrics (see `metrics`)."""
+
+    def message_in(self, kind: str) -> None: ...
+
+    def slow_consumer(self) -> None: ...
+
+
+class _NoCounters:
+    def message_in(self, kind: str) -> None:
+        pass
+
+    def slow_consumer(self) -> None:
+        pass
+
+
+def error_frame(message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> str:
+    """Not a reference message type: clients ignore it, developers read it in the devtools."""
+    return encode({"type": "error", "code": int(code), "message": message})
+
+
+class ReplicaConnection:
+    """A websocket from one replica (a `Peer` of its library)."""
+
+    realtime = True
+
+    def __init__(
+        self,
+        info: TokenInfo,
+        transport: Transport,
+        settings: ConnectionSettings,
+        *,
+        profile: Any = None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.key = next_key()
+        self.user_id = info.user_id
+        self.type: ReplicaType = info.type
+        self.library_id = info.library_id
+        self.replica_id: str | None = None
+        self.profile = profile if profile is not None else {"id": info.user_id}
+        self._transport = transport
+        self._settings = settings
+        self._counters = counters or _NoCounters()
+        self._out_send, self._out_receive = trio.open_memory_channel[str](settings.outbound_queue)
+        self._in_send, self._in_receive = trio.open_memory_channel[Any](settings.inbound_queue)
+        self._cancel: trio.CancelScope | None = None
+        self.close_code = CLOSE_NORMAL
+        self.close_reason = ""
+        self.closing = False
+
+    # -- Peer -------------------------------------------------------------------------------
+
+    def deliver(self, text: str) -> None:
+        if self.closing:
+            return
+        try:
+            self._out_send.send_nowait(text)
+        except trio.WouldBlock:
+            log.warning(
+                "closing slow consumer: outbound queue full library=%s user=%s replica=%s "
+                "queue=%d",
+                self.library_id, self.user_id, self.replica_id, self._settings.outbound_queue,
+            )
+            self._counters.slow_consumer()
+            self.close_soon(CLOSE_TRY_AGAIN_LATER, "outbound queue full (slow consumer)")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close from anywhere on the event loop: the connection's tasks end and it closes."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code, self.close_reason = code, reason
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def serve(self, host: LibraryHost) -> None:
+        """Run until the peer goes or the connection is closed; then close the socket."""
+        try:
+            await host.attach(self)
+        except LibraryGone:
+            await self._close(CLOSE_TRY_AGAIN_LATER, "library is restarting")
+            return
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                if self.closing:
+                    nursery.cancel_scope.cancel()
+                nursery.start_soon(self._until_disconnected, self._writer)
+                nursery.start_soon(self._forwarder, host)
+                await self._until_disconnected(self._reader)
+                nursery.cancel_scope.cancel()
+        finally:
+            host.detach(self)
+            self.closing = True
+            self._out_send.close()
+            await self._close(self.close_code, self.close_reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        with trio.move_on_after(self._settings.close_timeout_s) as scope:
+            scope.shield = True
+            try:
+                await self._transport.close(code, reason[:120])
+            except Disconnected:
+                pass
+
+    async def _until_disconnected(self, task: Callable[[], Awaitable[None]]) -> None:
+        """A gone peer is the normal end of a connection, not an error of the nursery."""
+        try:
+            await task()
+        except Disconnected:
+            self.closing = True
+            if self._cancel is not None:
+                self._cancel.cancel()
+
+    async def _reader(self) -> None:
+        errors = 0
+        while True:
+            with trio.move_on_after(self._settings.idle_timeout_s) as idle:
+                raw = await self._transport.receive()
+            if idle.cancelled_caught:
+                log.info(
+                    "closing idle connection library=%s user=%s replica=%s",
+                    self.library_id, self.user_id, self.replica_id,
+                )
+                self.close_soon(CLOSE_IDLE, "idle: no message or heartbeat")
+                return
+            try:
+                if isinstance(raw, (bytes, bytearray)):
+                    raise ProtocolError("binary frames are not part of the protocol; send text")
+                message = parse_client_message(raw)
+            except ProtocolError as exc:
+                errors += 1
+                self._counters.message_in("invalid")
+                log.info(
+                    "refused message library=%s user=%s replica=%s error=%s",
+                    self.library_id, self.user_id, self.replica_id, exc,
+                )
+                self.deliver(error_frame(str(exc)))
+                if errors >= self._settings.max_protocol_errors:
+                    self.close_soon(CLOSE_POLICY, "too many invalid messages")
+                    return
+                continue
+            if isinstance(message, Heartbeat):
+                self._counters.message_in("heartbeat")
+                self.deliver(HEARTBEAT_RESPONSE)
+                continue
+            await self._in_send.send(message)
+
+    async def _forwarder(self, host: LibraryHost) -> None:
+        async for message in self._in_receive:
+            try:
+                await host.submit(self, message)
+            except LibraryGone:
+                self.close_soon(CLOSE_TRY_AGAIN_LATER, "library is restarting")
+                return
+
+    async def _writer(self) -> None:
+        async for text in self._out_receive:
+            await self._transport.send(text)
+
+
+class HttpPeer:
+    """One HTTP sync request: collects what the library says to it until the batch is done."""
+
+    realtime = False
+
+    def __init__(self, info: TokenInfo, *, profile: Any = None, max_messages: int = 10_000) -> None:
+        self.key = next_key()
+        self.user_id = info.user_id
+        self.type: ReplicaType = info.type
+        self.replica_id: str | None = None
+        self.profile = profile if profile is not None else {"id": info.user_id}
+        self.texts: list[str] = []
+        self._max = max_messages
+        self.truncated = False
+
+    def deliver(self, text: str) -> None:
+        # Bounded: a request lives for one batch, but broadcasts from other replicas in that
+        # batch reach it too. Past the bound the client simply pulls again.
+        if len(self.texts) >= self._max:
+            self.truncated = True
+            return
+        self.texts.append(text)
+
+    def body(self) -> bytes:
+        return ('{"messages":[' + ",".join(self.texts) + "]}").encode()

@@ -1,0 +1,323 @@
+"""The Verdant core: everything a transport needs, with no HTTP framework in sight.
+
+`open_core` starts the nursery that owns every library task and yields a `VerdantCore`. The
+Quart app (`app`), the embedding blueprint and the CLI all drive the same core: websocket
+connections, HTTP sync batches, and the admin operations (`core.evict` and friends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from .connections import (
+    CLOSE_GOING_AWAY,
+    ConnectionSettings,
+    Counters,
+    HttpPeer,
+    ReplicaConnection,
+    Transport,
+)
+from .errors import ErrorCode, VerdantError
+from .libraries import Libraries, LibraryHost, LibrarySettings
+from .library import LibraryCore
+from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
+from .protocol import ClientMessage, Heartbeat, ProtocolError, Sync, validate_client_message
+from .storage.names import check_id
+from .tokens import TokenInfo, TokenVerifier
+
+log = logging.getLogger(__name__)
+
+CLOSE_EVICTED: Final = 4001
+"""Application close code sent to clients of an evicted library (they reconnect and re-upload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    libraries: LibrarySettings
+    connections: ConnectionSettings = field(default_factory=ConnectionSettings)
+    max_connections: int = 10_000
+    max_concurrent_syncs: int = 16
+    max_concurrent_handshakes: int = 64
+    handshake_timeout_s: float = 10.0
+    max_http_messages: int = 10_000
+
+
+def sanitize_fragment(value: str) -> str:
+    """As the client builds oids: separators inside a collection or id become placeholders."""
+    return value.replace("/", "&slash;").replace(":", "&colon;").replace(".", "&dot;")
+
+
+def document_oid(collection: str, document_id: str) -> str:
+    return f"{sanitize_fragment(collection)}/{sanitize_fragment(document_id)}"
+
+
+class VerdantCore:
+    def __init__(
+        self,
+        settings: CoreSettings,
+        *,
+        token_secret: str,
+        nursery: trio.Nursery,
+        profiles: ProfileSource | None = None,
+        counters: Counters | None = None,
+    ) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(token_secret)
+        self.libraries = Libraries(settings.libraries, nursery)
+        self.profiles = (
+            profiles if isinstance(profiles, CachedProfiles)
+            else CachedProfiles(profiles or DefaultProfiles())
+        )
+        self.counters = counters
+        self.sync_limiter = trio.CapacityLimiter(settings.max_concurrent_syncs)
+        self.handshake_limiter = trio.CapacityLimiter(settings.max_concurrent_handshakes)
+        self.connections: set[ReplicaConnection] = set()
+        self.shutting_down = False
+
+    # -- access -----------------------------------------------------------------------------
+
+    def verify(self, token: str | None) -> TokenInfo:
+        info = self.verifier.verify(token)
+        check_id(info.library_id, "library id")
+        return info
+
+    # -- websocket --------------------------------------------------------------------------
+
+    def admit_websocket(self, info: TokenInfo) -> None:
+        """Decide before the upgrade: refused sockets get an HTTP error, never a dropped socket."""
+        if self.shutting_down:
+            raise VerdantError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        if not info.type.can_realtime:
+            raise VerdantError(
+                ErrorCode.FORBIDDEN,
+                f"a {info.type.name.lower()} token may not open a realtime connection",
+            )
+        if len(self.connections) >= self.settings.max_connections:
+            raise VerdantError(ErrorCode.UNAVAILABLE, "too many connections; retry later")
+
+    async def serve_websocket(
+        self,
+        info: TokenInfo,
+        accept: Any,
+        transport: Transport,
+    ) -> None:
+        """Run one replica's websocket: `accept()` is called once the library is ready.
+
+        The handshake (token already verified, library opened, profile loaded) is capped by a
+        capacity limiter, so a reconnect storm after a restart queues instead of piling up; a
+        handshake that cannot start within the timeout is refused with 503.
+        """
+        self.admit_websocket(info)
+        with trio.move_on_after(self.settings.handshake_timeout_s):
+            await self.handshake_limiter.acquire()
+        if not self._holds_handshake():
+            raise VerdantError(ErrorCode.UNAVAILABLE, "server busy; retry later")
+        handshaking = True
+        try:
+            profile = await self.profiles.get(info.user_id)
+            async with self.libraries.use(info.library_id) as host:
+                try:
+                    await accept()
+                finally:
+                    handshaking = False
+                    self.handshake_limiter.release()
+                connection = ReplicaConnection(
+                    info,
+                    transport,
+                    self.settings.connections,
+                    profile=profile,
+                    counters=self.counters,
+                )
+                self.connections.add(connection)
+                try:
+                    await connection.serve(_LimitedHost(host, self.sync_limiter))
+                finally:
+                    self.connections.discard(connection)
+        finally:
+            if handshaking:
+                self.handshake_limiter.release()
+
+    def _holds_handshake(self) -> bool:
+        return trio.lowlevel.current_task() in self.handshake_limiter.statistics().borrowers
+
+    # -- HTTP sync --------------------------------------------------------------------------
+
+    def parse_http_body(self, body: Any) -> list[ClientMessage]:
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            raise VerdantError(ErrorCode.BODY_REQUIRED, "body must be {\"messages\": [...]}")
+        items = body["messages"]
+        if len(items) > self.settings.max_http_messages:
+            raise VerdantError(
+                ErrorCode.INVALID_REQUEST,
+                f"at most {self.settings.max_http_messages} messages per request",
+            )
+        try:
+            return [validate_client_message(item) for item in items]
+        except ProtocolError as exc:
+            raise VerdantError(ErrorCode.INVALID_REQUEST, str(exc)) from None
+
+    async def http_sync(self, info: TokenInfo, messages: list[ClientMessage]) -> bytes:
+        """Handle a push/pull request; every message is validated before any is handled."""
+        if self.shutting_down:
+            raise VerdantError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        peer = HttpPeer(info, profile=await self.profiles.get(info.user_id))
+        if all(isinstance(m, Heartbeat) for m in messages):
+            for _ in messages:
+                peer.deliver('{"type":"heartbeat-response"}')
+            return peer.body()
+        has_sync = any(isinstance(m, Sync) for m in messages)
+        async with self.libraries.use(info.library_id) as host:
+            if has_sync:
+                async with self.sync_limiter:
+                    await host.request(peer, messages)
+            else:
+                await host.request(peer, messages)
+        return peer.body()
+
+    # -- admin ------------------------------------------------------------------------------
+
+    def _exists(self, library_id: str) -> bool:
+        check_id(library_id, "library id")
+        return (
+            library_id in self.libraries.active
+            or self.settings.libraries.shard_path(library_id).exists()
+        )
+
+    @contextlib.asynccontextmanager
+    async def _existing(self, library_id: str) -> AsyncIterator[LibraryHost]:
+        if not self._exists(library_id):
+            raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} not found")
+        async with self.libraries.use(library_id) as host:
+            yield host
+
+    async def info(self, library_id: str) -> dict[str, Any]:
+        async with self._existing(library_id) as host:
+            data = await host.call(lambda core: core.info())
+        if data is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} has no data")
+        return data
+
+    def file_info_row(self, core: LibraryCore, file_id: str) -> dict[str, Any] | None:
+        """The file info clients expect; without file storage the url is null, as in the
+        reference."""
+        row = core.shard.file(file_id)
+        if row is None:
+            return None
+        return {"id": row.file_id, "name": row.name, "type": row.type, "url": self.file_url(core.id, row.file_id, row.name)}
+
+    def file_url(self, library_id: str, file_id: str, name: str) -> str | None:
+        return None
+
+    async def document(self, library_id: str, collection: str, document_id: str) -> Any:
+        oid = document_oid(collection, document_id)
+        async with self._existing(library_id) as host:
+            snapshot = await host.call(
+                lambda core: core.hydrate(oid, lambda fid: self.file_info_row(core, fid))
+            )
+        if snapshot is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, f"document {collection}/{document_id} not found")
+        return snapshot
+
+    async def file_info(self, library_id: str, file_id: str) -> dict[str, Any]:
+        async with self._existing(library_id) as host:
+            info = await host.call(lambda core: self.file_info_row(core, file_id))
+        if info is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, f"file {file_id!r} not found")
+        info["libraryId"] = library_id
+        return info
+
+    async def force_truant(self, library_id: str, replica_id: str) -> None:
+        async with self._existing(library_id) as host:
+            found = await host.call(lambda core: core.shard.force_truant(replica_id))
+        if not found:
+            raise VerdantError(ErrorCode.NOT_FOUND, f"replica {replica_id!r} not found")
+        log.info("replica forced truant library=%s replica=%s", library_id, replica_id)
+
+    async def evict_user(self, library_id: str, user_id: str) -> int:
+        async with self._existing(library_id) as host:
+            count = await host.call(lambda core: core.shard.delete_replicas_of_user(user_id))
+        log.info("user evicted library=%s user=%s replicas=%d", library_id, user_id, count)
+        return count
+
+    async def evict(self, library_id: str) -> None:
+        """Drop a library's data; connected clients are disconnected, reconnect and re-upload."""
+        async with self._existing(library_id) as host:
+
+            def wipe(core: LibraryCore) -> list[tuple[str, str]]:
+                core.presence.clear()
+                core.shard.delete_everything()
+                return [(f.file_id, f.name) for f in core.shard.files()]
+
+            files = await host.call(wipe)
+            await self.delete_files(host, files)
+            closed = host.disconnect_all(CLOSE_EVICTED, "library evicted; resync")
+        log.warning("library evicted library=%s clients_closed=%d", library_id, closed)
+
+    async def delete_files(self, host: LibraryHost, files: list[tuple[str, str]]) -> None:
+        """Remove stored files and then their metadata (file storage hooks in here)."""
+        if not files:
+            return
+        ids = [file_id for file_id, _ in files]
+
+        def forget(core: LibraryCore) -> None:
+            for file_id in ids:
+                core.shard.delete_file(file_id)
+
+        await host.call(forget)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Refuse new work and tell every connected replica the server is going away."""
+        self.shutting_down = True
+        for connection in list(self.connections):
+            connection.close_soon(CLOSE_GOING_AWAY, "server shutting down")
+
+
+class _LimitedHost:
+    """The library as a connection sees it: initial syncs pass the server-wide sync limiter."""
+
+    def __init__(self, host: LibraryHost, limiter: trio.CapacityLimiter) -> None:
+        self._host = host
+        self._limiter = limiter
+
+    async def attach(self, peer: Any) -> None:
+        await self._host.attach(peer)
+
+    def detach(self, peer: Any) -> None:
+        self._host.detach(peer)
+
+    async def submit(self, peer: Any, message: ClientMessage) -> None:
+        if isinstance(message, Sync):
+            async with self._limiter:
+                await self._host.submit(peer, message, wait=True)
+        else:
+            await self._host.submit(peer, message)
+
+
+@contextlib.asynccontextmanager
+async def open_core(
+    settings: CoreSettings,
+    *,
+    token_secret: str,
+    profiles: ProfileSource | None = None,
+    counters: Counters | None = None,
+) -> AsyncIterator[VerdantCore]:
+    """Start the core; on exit every library task finishes its batch and closes its shard."""
+    settings.libraries.databases_dir.mkdir(parents=True, exist_ok=True)
+    async with trio.open_nursery() as nursery:
+        core = VerdantCore(
+            settings, token_secret=token_secret, nursery=nursery, profiles=profiles,
+            counters=counters,
+        )
+        try:
+            yield core
+        finally:
+            core.begin_shutdown()
+            core.libraries.stop_all()

@@ -1,0 +1,561 @@
+"""Active libraries: one Trio task per library owns its shard and handles its messages in order.
+
+Why one task per library: Verdant's decisions (server order, acknowledgements, compaction) are
+sequential per library, and SQLite wants one writer. The task drains its bounded inbox in
+batches, handles a whole batch in one transaction in a worker thread (so a commit's fsync or a big
+initial sync never blocks the event loop), and only after the commit hands the encoded replies and
+broadcasts to the peers. Under load batches grow, so commits, acknowledgement broadcasts and
+compaction passes are paid per batch, not per message.
+
+Queue policies (every queue is bounded):
+- inbox (`inbox_size` envelopes): senders block. That is backpressure on the connection readers.
+- peer outboxes: `Peer.deliver` never blocks; the peer decides what a full outbox means
+  (`connections`: close the slow consumer).
+- detaching never blocks (a finally-block must not wait on a busy library): detached peers go on
+  a list bounded by the number of connections and the task is nudged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import trio
+
+from .errors import ErrorCode, VerdantError
+from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
+from .protocol import ClientMessage, Heartbeat, Sync, encode
+from . import authz
+from .storage.names import encode_id
+from .storage.shard import Shard
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class LibrarySettings:
+    databases_dir: Path
+    truancy_minutes: float = 7 * 24 * 60
+    file_expiration_days: float = 14
+    idle_close_s: float = 60.0 * 60
+    inbox_size: int = 256
+    max_batch: int = 256
+    global_ack_interval_s: float = 0.05
+    rebase_interval_s: float = 1.0
+    http_presence_ttl_s: float = 60.0
+    synchronous: str = "FULL"
+    rebase: bool = True
+
+    def shard_path(self, library_id: str) -> Path:
+        return self.databases_dir / f"{encode_id(library_id, 'library id')}.sqlite"
+
+
+@dataclass(slots=True)
+class _Message:
+    peer: Peer
+    message: ClientMessage
+    done: trio.Event | None = None
+
+
+@dataclass(slots=True)
+class _Attach:
+    peer: Peer
+
+
+@dataclass(slots=True)
+class _Http:
+    peer: Peer
+    messages: list[ClientMessage]
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[LibraryCore], Any]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _Wake:
+    pass
+
+
+Envelope = _Message | _Attach | _Http | _Call | _Wake
+_WAKE: Final = _Wake()
+
+
+class LibraryGone(Exception):
+    """The library was evicted or its task stopped; the caller's connection should close."""
+
+
+def encode_sends(sends: list[Send]) -> list[tuple[str, list[Peer]]]:
+    """Encode each message once per distinct view of it.
+
+    Without restricted items one encoding serves every recipient. With them, each user sees
+    only their own private operations and baselines, so recipients are grouped by user.
+    """
+    encoded: list[tuple[str, list[Peer]]] = []
+    for send in sends:
+        if not send.restricted:
+            encoded.append((encode(send.message), send.targets))
+            continue
+        by_user: dict[str, list[Peer]] = {}
+        for peer in send.targets:
+            by_user.setdefault(peer.user_id, []).append(peer)
+        for user_id, peers in by_user.items():
+            view = dict(send.message)
+            for key in ("operations", "baselines"):
+                if view.get(key) is not None:
+                    view[key] = authz.filter_visible(view[key], user_id)
+            encoded.append((encode(view), peers))
+    return encoded
+
+
+class LibraryHost:
+    """The task that owns one library. Get one through `Libraries.use`."""
+
+    def __init__(self, library_id: str, settings: LibrarySettings, registry: Libraries) -> None:
+        self.id = library_id
+        self.settings = settings
+        self._registry = registry
+        self._send, self._receive = trio.open_memory_channel[Envelope](settings.inbox_size)
+        self._detached: list[Peer] = []
+        self._http_leases: dict[str, tuple[float, str | None]] = {}
+        self.refs = 0
+        self.accepting = True
+        self.closed = trio.Event()
+        self.core: LibraryCore | None = None
+        self._cancel = trio.CancelScope()
+        self._global_ack_sent: str | None = None
+        self._global_ack_pending = False
+        self._last_global_ack_at = -math.inf
+        self._rebase_due = False
+        self._last_rebase_at = -math.inf
+        self._last_activity = time.monotonic()
+        self.on_empty: Callable[[LibraryHost], None] | None = None
+
+    # -- used by connections and HTTP handlers ----------------------------------------------
+
+    async def attach(self, peer: Peer) -> None:
+        await self._put(_Attach(peer))
+
+    def detach(self, peer: Peer) -> None:
+        """Never blocks: safe in a finally-block while the library is busy."""
+        self._detached.append(peer)
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self._send.send_nowait(_WAKE)
+
+    async def submit(self, peer: Peer, message: ClientMessage, *, wait: bool = False) -> None:
+        """Queue a message; with `wait`, return only once it was handled (or failed)."""
+        envelope = _Message(peer, message, trio.Event() if wait else None)
+        await self._put(envelope)
+        if envelope.done is not None:
+            await envelope.done.wait()
+
+    async def request(self, peer: Peer, messages: list[ClientMessage]) -> None:
+        """Handle an HTTP batch; returns once its replies are in the peer."""
+        envelope = _Http(peer, messages)
+        await self._put(envelope)
+        await envelope.done.wait()
+        if envelope.error is not None:
+            raise envelope.error
+
+    async def call(self, fn: Callable[[LibraryCore], T]) -> T:
+        """Run `fn(core)` in the library task's turn, in a worker thread, in a transaction."""
+        envelope = _Call(fn)
+        await self._put(envelope)
+        await envelope.done.wait()
+        if envelope.error is not None:
+            raise envelope.error
+        return envelope.result  # type: ignore[no-any-return]
+
+    async def _put(self, envelope: Envelope) -> None:
+        try:
+            await self._send.send(envelope)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LibraryGone(self.id) from None
+
+    # -- the task ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        settings = self.settings
+        path = settings.shard_path(self.id)
+        shard = await trio.to_thread.run_sync(
+            lambda: Shard.open(
+                path,
+                truancy_minutes=settings.truancy_minutes,
+                file_expiration_days=settings.file_expiration_days,
+                synchronous=settings.synchronous,
+            )
+        )
+        self.core = LibraryCore(self.id, shard, rebase=settings.rebase)
+        log.info("library opened library=%s path=%s", self.id, path)
+        task_status.started()
+        try:
+            with self._cancel:
+                await self._loop()
+        finally:
+            self.accepting = False
+            self._registry._forget(self)
+            self._send.close()
+            self._fail_pending()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(shard.close)
+            self.closed.set()
+            log.info("library closed library=%s", self.id)
+
+    def stop(self) -> None:
+        self._cancel.cancel()
+
+    def disconnect_all(self, code: int, reason: str) -> int:
+        """Close every realtime peer (eviction, shutdown); they reconnect and resync."""
+        if self.core is None:
+            return 0
+        closed = 0
+        for peer in list(self.core.peers.values()):
+            close = getattr(peer, "close_soon", None)
+            if close is not None:
+                close(code, reason)
+                closed += 1
+        return closed
+
+    def _fail_pending(self) -> None:
+        while True:
+            try:
+                envelope = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if isinstance(envelope, (_Http, _Call)):
+                envelope.error = LibraryGone(self.id)
+                envelope.done.set()
+            elif isinstance(envelope, _Message) and envelope.done is not None:
+                envelope.done.set()
+
+    async def _loop(self) -> None:
+        while True:
+            timeout = self._next_timer_in()
+            batch: list[Envelope] = []
+            with trio.move_on_after(timeout):
+                batch.append(await self._receive.receive())
+            while len(batch) < self.settings.max_batch:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            if batch:
+                self._last_activity = time.monotonic()
+                await self._process(batch)
+            self._handle_departures()
+            await self._timers()
+            if self._should_close():
+                return
+
+    def _next_timer_in(self) -> float:
+        now = time.monotonic()
+        deadlines = [now + 5.0]
+        if self._global_ack_pending:
+            deadlines.append(self._last_global_ack_at + self.settings.global_ack_interval_s)
+        if self._rebase_due:
+            deadlines.append(self._last_rebase_at + self.settings.rebase_interval_s)
+        if self._http_leases:
+            deadlines.append(min(expiry for expiry, _ in self._http_leases.values()))
+        if self.refs == 0:
+            deadlines.append(self._last_activity + self.settings.idle_close_s)
+        return max(0.0, min(deadlines) - now)
+
+    def _should_close(self) -> bool:
+        if self.refs or self._http_leases or self._detached:
+            return False
+        if time.monotonic() - self._last_activity < self.settings.idle_close_s:
+            return False
+        if self._send.statistics().current_buffer_used:
+            return False
+        # Closing is decided synchronously with the registry update, so no caller can grab a
+        # host that is about to go.
+        self.accepting = False
+        self._registry._forget(self)
+        return True
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def _process(self, batch: list[Envelope]) -> None:
+        core = self.core
+        assert core is not None
+        for envelope in batch:
+            if isinstance(envelope, _Attach):
+                core.attach(envelope.peer)
+        work = [e for e in batch if isinstance(e, (_Message, _Http, _Call))]
+        if not work:
+            return
+        for envelope in work:
+            if isinstance(envelope, _Http):
+                core.attach(envelope.peer)
+                self._http_leases[envelope.peer.user_id] = (
+                    time.monotonic() + self.settings.http_presence_ttl_s,
+                    None,
+                )
+        try:
+            result = await trio.to_thread.run_sync(self._run_batch, core, work)
+        except BaseException as exc:
+            # Nothing of this batch was committed: tell waiting callers, drop realtime peers so
+            # they resync, and keep serving the library.
+            log.exception("library batch failed; rolled back library=%s", self.id)
+            self._abort_batch(work, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            for envelope in work:
+                if isinstance(envelope, _Http):
+                    core.detach(envelope.peer)
+                    self._http_leases[envelope.peer.user_id] = (
+                        time.monotonic() + self.settings.http_presence_ttl_s,
+                        envelope.peer.replica_id,
+                    )
+        outcome, encoded, global_ack = result
+        for text, peers in encoded:
+            for peer in peers:
+                peer.deliver(text)
+        for envelope in work:
+            if envelope.done is not None:
+                envelope.done.set()
+        for peer in outcome.detach:
+            self.detach(peer)
+        if outcome.acks_moved or outcome.changed_history:
+            self._rebase_due = True
+        if global_ack is not None and global_ack != self._global_ack_sent:
+            self._global_ack_pending = True
+
+    def _run_batch(
+        self, core: LibraryCore, work: list[Envelope]
+    ) -> tuple[Outcome, list[tuple[str, list[Peer]]], str | None]:
+        """In a worker thread: the whole batch in one transaction, encoded after the commit."""
+        outcome = Outcome()
+        with core.shard.transaction():
+            for envelope in work:
+                if isinstance(envelope, _Message):
+                    self._handle_one(core, envelope.peer, envelope.message, outcome)
+                elif isinstance(envelope, _Http):
+                    for message in envelope.messages:
+                        self._handle_one(core, envelope.peer, message, outcome)
+                elif isinstance(envelope, _Call):
+                    try:
+                        with core.shard.transaction():
+                            envelope.result = envelope.fn(core)
+                    except Exception as exc:  # reported to the caller, not fatal to the library
+                        envelope.error = exc
+            global_ack = core.global_ack() if outcome.acks_moved else None
+        return outcome, encode_sends(outcome.sends), global_ack
+
+    def _handle_one(
+        self, core: LibraryCore, peer: Peer, message: ClientMessage, outcome: Outcome
+    ) -> None:
+        """One message in its own savepoint: a bug on one message must not undo the others."""
+        mark = len(outcome.sends)
+        try:
+            with core.shard.transaction():
+                core.handle(peer, message, outcome)
+        except Exception:
+            del outcome.sends[mark:]
+            log.exception(
+                "message failed and was rolled back library=%s user=%s replica=%s type=%s",
+                self.id, peer.user_id, getattr(message, "replica_id", None),
+                type(message).__name__,
+            )
+            outcome.sends.append(
+                Send({"type": "error", "code": int(ErrorCode.UNEXPECTED),
+                      "message": "the server could not handle this message"}, [peer])
+            )
+
+    def _abort_batch(self, work: list[Envelope], exc: BaseException) -> None:
+        error = VerdantError(ErrorCode.UNEXPECTED, "the server could not store this batch")
+        for envelope in work:
+            if isinstance(envelope, (_Http, _Call)):
+                envelope.error = error if isinstance(envelope, _Http) else exc
+                envelope.done.set()
+            elif isinstance(envelope, _Message):
+                close = getattr(envelope.peer, "close_soon", None)
+                if close is not None:
+                    close(1011, "server error; reconnect to resync")
+                if envelope.done is not None:
+                    envelope.done.set()
+
+    # -- presence, acknowledgements, compaction -------------------------------------------
+
+    def _handle_departures(self) -> None:
+        core = self.core
+        assert core is not None
+        if not self._detached:
+            return
+        departed, self._detached = self._detached, []
+        outcome = Outcome()
+        for peer in departed:
+            core.detach(peer)
+        for peer in departed:
+            user = peer.user_id
+            if not peer.realtime or core.user_is_connected(user):
+                continue
+            if user in self._http_leases:
+                continue
+            core.user_left(user, peer.replica_id, outcome)
+        self._deliver(outcome.sends)
+        self._maybe_empty()
+
+    def _deliver(self, sends: list[Send]) -> None:
+        for text, peers in encode_sends(sends):
+            for peer in peers:
+                peer.deliver(text)
+
+    def _maybe_empty(self) -> None:
+        core = self.core
+        assert core is not None
+        if not core.peers and not self._http_leases and self.on_empty is not None:
+            self.on_empty(self)
+
+    async def _timers(self) -> None:
+        core = self.core
+        assert core is not None
+        now = time.monotonic()
+        if self._http_leases:
+            outcome = Outcome()
+            for user, (expiry, replica_id) in list(self._http_leases.items()):
+                if expiry <= now:
+                    del self._http_leases[user]
+                    if not core.user_is_connected(user):
+                        core.user_left(user, replica_id, outcome)
+            if outcome.sends:
+                self._deliver(outcome.sends)
+                self._maybe_empty()
+        busy = bool(self._send.statistics().current_buffer_used)
+        since_rebase = now - self._last_rebase_at
+        if self._rebase_due and (
+            since_rebase >= self.settings.rebase_interval_s
+            or (not busy and since_rebase >= min(0.1, self.settings.rebase_interval_s))
+        ):
+            await self._rebase()
+        if self._global_ack_pending and (
+            now - self._last_global_ack_at >= self.settings.global_ack_interval_s
+        ):
+            self._flush_global_ack()
+
+    def _flush_global_ack(self) -> None:
+        core = self.core
+        assert core is not None
+        self._global_ack_pending = False
+        ack = core.shard.global_ack()
+        if ack is None or ack == self._global_ack_sent:
+            return
+        self._global_ack_sent = ack
+        self._last_global_ack_at = time.monotonic()
+        outcome = Outcome()
+        core._broadcast(outcome, {"type": "global-ack", "timestamp": ack})
+        self._deliver(outcome.sends)
+
+    async def _rebase(self) -> None:
+        core = self.core
+        assert core is not None
+        self._rebase_due = False
+        self._last_rebase_at = time.monotonic()
+        online = core.presence.replica_ids()
+
+        def run() -> RebaseResult:
+            with core.shard.transaction():
+                return core.rebase(online)
+
+        started = time.perf_counter()
+        try:
+            result = await trio.to_thread.run_sync(run)
+        except Exception:
+            log.exception("compaction failed; will retry later library=%s", self.id)
+            return
+        if result.folded_operations:
+            log.info(
+                "compacted history library=%s operations=%d objects=%d files_pending=%d "
+                "duration_ms=%.1f",
+                self.id, result.folded_operations, result.objects,
+                len(result.deleted_file_ids), (time.perf_counter() - started) * 1000,
+            )
+        if result.global_ack is not None:
+            # Hint to clients that they can compact too (the reference does this after every
+            # compaction pass).
+            self._global_ack_pending = True
+
+
+class Libraries:
+    """The registry of active libraries; their tasks live in this object's nursery."""
+
+    def __init__(self, settings: LibrarySettings, nursery: trio.Nursery) -> None:
+        self.settings = settings
+        self._nursery = nursery
+        self._hosts: dict[str, LibraryHost] = {}
+        self._closing: dict[str, LibraryHost] = {}
+        self._starting: dict[str, trio.Event] = {}
+        self.on_empty: Callable[[LibraryHost], None] | None = None
+
+    def _forget(self, host: LibraryHost) -> None:
+        if self._hosts.get(host.id) is host:
+            del self._hosts[host.id]
+            self._closing[host.id] = host
+
+    @property
+    def active(self) -> dict[str, LibraryHost]:
+        return self._hosts
+
+    @contextlib.asynccontextmanager
+    async def use(self, library_id: str) -> AsyncIterator[LibraryHost]:
+        """Hold a library open for the duration of a connection or request."""
+        host = await self._acquire(library_id)
+        try:
+            yield host
+        finally:
+            host.refs -= 1
+
+    async def _acquire(self, library_id: str) -> LibraryHost:
+        while True:
+            host = self._hosts.get(library_id)
+            if host is not None and host.accepting:
+                host.refs += 1
+                return host
+            starting = self._starting.get(library_id)
+            if starting is not None:
+                await starting.wait()
+                continue
+            previous = self._closing.get(library_id)
+            if previous is not None and not previous.closed.is_set():
+                await previous.closed.wait()
+                continue
+            self._closing.pop(library_id, None)
+            event = self._starting[library_id] = trio.Event()
+            try:
+                host = LibraryHost(library_id, self.settings, self)
+                host.on_empty = self.on_empty
+                await self._nursery.start(self._supervise, host)
+                self._hosts[library_id] = host
+            finally:
+                del self._starting[library_id]
+                event.set()
+
+    async def _supervise(
+        self, host: LibraryHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """A library task that fails must not take the server down with it."""
+        try:
+            await host.run(task_status=task_status)
+        except Exception:
+            if host.core is None:
+                raise  # failed to open: `start` re-raises it to the caller that asked
+            log.exception("library task crashed; its clients will reconnect library=%s", host.id)
+
+    def stop_all(self) -> None:
+        for host in list(self._hosts.values()):
+            host.stop()

@@ -1,0 +1,529 @@
+"""One library's decisions: what each client message means for storage and who hears about it.
+
+Sans-IO: `LibraryCore` works on parsed messages, a `Shard` and the set of attached peers, and
+appends `Send` effects to a list; it never touches a socket. The library task (`hub`) calls it
+inside a transaction and delivers the effects only after the commit, so nobody, sender or peer,
+ever hears of an operation the server has not stored.
+
+The decisions follow the reference `Library.ts`. Where the reference loses or corrupts data
+this module deliberately differs; each place says so ("Differs from the reference").
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from . import authz, patches
+from .presence import PresenceState
+from .protocol import (
+    Ack,
+    ClientMessage,
+    Disconnecting,
+    Heartbeat,
+    Op,
+    PresenceUpdate,
+    ReplicaType,
+    Sync,
+    SyncAck,
+)
+from .storage.shard import ReplicaRow, Shard, StoredBaseline, StoredOperation
+
+log = logging.getLogger(__name__)
+
+
+class Peer(Protocol):
+    """A connection as a library sees it: who it is and how to hand it encoded messages."""
+
+    key: int
+    user_id: str
+    type: ReplicaType
+    realtime: bool
+    replica_id: str | None
+    profile: Any
+
+    def deliver(self, text: str) -> None:
+        """Queue an encoded message without waiting; a full queue is the peer's problem."""
+
+
+@dataclass(slots=True)
+class Send:
+    """A message for some peers. `restricted`: it carries authz-restricted items to filter."""
+
+    message: dict[str, Any]
+    targets: list[Peer]
+    restricted: bool = False
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What handling a batch produced, beyond the messages."""
+
+    sends: list[Send] = field(default_factory=list)
+    detach: list[Peer] = field(default_factory=list)
+    changed_history: bool = False
+    acks_moved: bool = False
+
+
+def encode_nonce(server_order: int) -> str:
+    return base64.b64encode(orjson.dumps(server_order)).decode()
+
+
+def decode_nonce(nonce: str) -> int | None:
+    try:
+        value = orjson.loads(base64.b64decode(nonce, validate=False))
+    except (binascii.Error, orjson.JSONDecodeError, ValueError):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+@dataclass(slots=True)
+class RebaseResult:
+    folded_operations: int = 0
+    objects: int = 0
+    deleted_file_ids: list[str] = field(default_factory=list)
+    global_ack: str | None = None
+
+
+class LibraryCore:
+    def __init__(
+        self,
+        library_id: str,
+        shard: Shard,
+        *,
+        rebase: bool = True,
+    ) -> None:
+        self.id = library_id
+        self.shard = shard
+        self.presence = PresenceState()
+        self.peers: dict[int, Peer] = {}
+        self.rebase_enabled = rebase
+        self.last_global_ack: str | None = None
+
+    # -- peers ------------------------------------------------------------------------------
+
+    def attach(self, peer: Peer) -> None:
+        self.peers[peer.key] = peer
+
+    def detach(self, peer: Peer) -> None:
+        self.peers.pop(peer.key, None)
+
+    def user_is_connected(self, user_id: str) -> bool:
+        return any(p.user_id == user_id and p.realtime for p in self.peers.values())
+
+    def user_left(self, user_id: str, replica_id: str | None, out: Outcome) -> None:
+        """The user's last connection went: tell everyone (and old clients which replica)."""
+        entry = self.presence.remove(user_id)
+        if entry is not None and replica_id is None:
+            replica_id = entry.get("replicaId")
+        message: dict[str, Any] = {"type": "presence-offline", "userId": user_id}
+        if replica_id is not None:
+            message["replicaId"] = replica_id
+        self._broadcast(out, message)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _reply(self, out: Outcome, peer: Peer, message: dict[str, Any], restricted: bool = False) -> None:
+        out.sends.append(Send(message, [peer], restricted))
+
+    def _broadcast(
+        self,
+        out: Outcome,
+        message: dict[str, Any],
+        exclude: Peer | None = None,
+        restricted: bool = False,
+    ) -> None:
+        targets = [p for p in self.peers.values() if p is not exclude]
+        if targets:
+            out.sends.append(Send(message, targets, restricted))
+
+    def global_ack(self) -> str | None:
+        return self.shard.global_ack()
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def handle(self, peer: Peer, message: ClientMessage, out: Outcome) -> None:
+        """Apply one message. Must run inside a shard transaction (the caller commits)."""
+        if isinstance(message, Heartbeat):
+            self._reply(out, peer, {"type": "heartbeat-response"})
+            return
+        replica_id = message.replica_id
+        existing = self.shard.replica(replica_id)
+        if existing is not None and existing.user_id != peer.user_id:
+            # A replica id belongs to the user who first synced it; nobody may speak for it.
+            log.warning(
+                "replica id claimed by another user library=%s replica=%s user=%s owner=%s",
+                self.id, replica_id, peer.user_id, existing.user_id,
+            )
+            self._reply(out, peer, {"type": "forbidden"})
+            return
+        peer.replica_id = replica_id
+        if isinstance(message, Op):
+            self._handle_op(peer, message, out)
+        elif isinstance(message, Sync):
+            self._handle_sync(peer, message, out)
+        elif isinstance(message, Ack):
+            self._handle_ack(message, out)
+        elif isinstance(message, PresenceUpdate):
+            self._handle_presence(peer, message, out)
+        elif isinstance(message, Disconnecting):
+            out.detach.append(peer)
+        elif isinstance(message, SyncAck):
+            pass  # deprecated; the reference ignores it too
+        # Presence updates are skipped: a client sends one before its sync, and counting it
+        # would make a truant replica look freshly seen when its sync is judged.
+        if not isinstance(message, PresenceUpdate):
+            self.shard.touch_replica(replica_id)
+
+    def _replica_for(self, peer: Peer, replica_id: str) -> tuple[str, ReplicaRow]:
+        """Get or create the replica record; returns its status: new, existing or truant."""
+        row = self.shard.replica(replica_id)
+        if row is None:
+            return "new", self.shard.create_replica(replica_id, peer.user_id, peer.type)
+        if row.type != int(peer.type):
+            self.shard.set_replica_type(replica_id, peer.type)
+            row.type = int(peer.type)
+        if self.shard.is_truant(row):
+            return "truant", row
+        return "existing", row
+
+    def _store_operations(self, replica: ReplicaRow, operations: list[dict[str, Any]]) -> int:
+        latest, inserted = self.shard.insert_operations(replica.id, operations)
+        # A replica that was up to date and added the only new operations is still up to date:
+        # advance its server order now and save the round trip of an ack.
+        if inserted and latest - replica.acked_server_order == len(operations):
+            self.shard.update_acked_server_order(replica.id, latest)
+            replica.acked_server_order = latest
+        return inserted
+
+    def _handle_op(self, peer: Peer, message: Op, out: Outcome) -> None:
+        if not message.operations:
+            return
+        if not peer.type.can_write:
+            log.warning(
+                "write refused for read-only token library=%s replica=%s user=%s",
+                self.id, message.replica_id, peer.user_id,
+            )
+            self._reply(out, peer, {"type": "forbidden"})
+            return
+        _, replica = self._replica_for(peer, message.replica_id)
+        if self._store_operations(replica, message.operations):
+            out.changed_history = True
+        self.shard.update_acked_logical_time(
+            message.replica_id, message.operations[-1]["timestamp"]
+        )
+        out.acks_moved = True
+        self._reply(out, peer, {"type": "server-ack", "timestamp": message.timestamp})
+        rebroadcast: dict[str, Any] = {
+            "type": "op-re",
+            "operations": message.operations,
+            "replicaId": message.replica_id,
+        }
+        ack = self.global_ack()
+        if ack is not None:
+            rebroadcast["globalAckTimestamp"] = ack
+        self._broadcast(
+            out, rebroadcast, exclude=peer, restricted=authz.any_restricted(message.operations)
+        )
+
+    def _handle_ack(self, message: Ack, out: Outcome) -> None:
+        if message.nonce:
+            order = decode_nonce(message.nonce)
+            if order is None:
+                log.warning(
+                    "invalid ack nonce library=%s replica=%s", self.id, message.replica_id
+                )
+                return
+            self.shard.update_acked_server_order(message.replica_id, order)
+            out.acks_moved = True
+        elif message.timestamp:
+            self.shard.acknowledge_operation(message.replica_id, message.timestamp)
+            out.acks_moved = True
+
+    def _handle_presence(self, peer: Peer, message: PresenceUpdate, out: Outcome) -> None:
+        info = self.presence.set(
+            peer.user_id, message.replica_id, message.presence, message.internal, peer.profile
+        )
+        # Everyone hears it, the sender too: that is how a client learns its own profile.
+        self._broadcast(
+            out, {"type": "presence-changed", "replicaId": message.replica_id, "userInfo": info}
+        )
+
+    def _handle_sync(self, peer: Peer, message: Sync, out: Outcome) -> None:
+        replica_id = message.replica_id
+        if not peer.type.can_write and (message.operations or message.baselines):
+            # Differs from the reference: it refuses the whole sync, so a read-only client with
+            # local edits never receives anything again. We refuse the edits (never stored,
+            # never broadcast) and reset the client to the server's state instead.
+            log.warning(
+                "sync with changes from read-only replica refused; resetting it "
+                "library=%s replica=%s user=%s",
+                self.id, replica_id, peer.user_id,
+            )
+            self._reply(out, peer, {"type": "forbidden"})
+            _, replica = self._replica_for(peer, replica_id)
+            self._respond_sync(peer, message, replica, reset=True, out=out)
+            return
+
+        if message.resync_all:
+            self.shard.delete_replica(replica_id)
+        status, replica = self._replica_for(peer, replica_id)
+
+        allow_truant = False
+        if status == "truant":
+            allow_truant = replica.acked_server_order >= self.shard.latest_server_order()
+            log.info(
+                "truant replica reconnected library=%s replica=%s up_to_date=%s",
+                self.id, replica_id, allow_truant,
+            )
+
+        should_reset = message.resync_all or (not allow_truant and status != "existing")
+        operations = self.shard.operations_after(0 if should_reset else replica.acked_server_order)
+        baselines = self.shard.baselines() if should_reset else []
+        is_empty = not operations and not baselines
+
+        if is_empty:
+            # A local-only replica marked its private data "only me" before it knew its user.
+            authz.rewrite_originator(message.operations, peer.user_id)
+            authz.rewrite_originator(message.baselines, peer.user_id)
+
+        overwrite = should_reset and not is_empty
+        if is_empty and status == "new" and message.since is not None:
+            # The server has nothing but the replica only offers changes since some time: the
+            # server lost this library. Ask for the whole history and wait for the next sync.
+            log.info(
+                "library has no data; asking replica for its full history library=%s replica=%s",
+                self.id, replica_id,
+            )
+            self._reply(out, peer, {"type": "need-since", "since": None})
+            return
+        if not is_empty and message.since is None:
+            if message.operations or message.baselines:
+                log.warning(
+                    "replica offers a full history but the library has data; resetting it "
+                    "library=%s replica=%s",
+                    self.id, replica_id,
+                )
+            overwrite = True
+
+        if not overwrite:
+            self.shard.insert_client_baselines(message.baselines)
+            if self._store_operations(replica, message.operations) or message.baselines:
+                out.changed_history = True
+            self.shard.update_acked_logical_time(replica_id, message.timestamp)
+            out.acks_moved = True
+            if message.operations or (is_empty and message.baselines):
+                rebroadcast: dict[str, Any] = {
+                    "type": "op-re",
+                    "operations": message.operations,
+                    "replicaId": replica_id,
+                }
+                # Baselines only when this sync just initialised the library: other new
+                # replicas may be waiting for the first data.
+                if is_empty and message.baselines:
+                    rebroadcast["baselines"] = message.baselines
+                ack = self.global_ack()
+                if ack is not None:
+                    rebroadcast["globalAckTimestamp"] = ack
+                self._broadcast(
+                    out,
+                    rebroadcast,
+                    exclude=peer,
+                    restricted=authz.any_restricted(message.operations)
+                    or authz.any_restricted(message.baselines),
+                )
+        self._respond_sync(
+            peer, message, replica, reset=overwrite, out=out,
+            operations=operations, baselines=baselines, complete=should_reset,
+        )
+
+    def _respond_sync(
+        self,
+        peer: Peer,
+        message: Sync,
+        replica: ReplicaRow,
+        *,
+        reset: bool,
+        out: Outcome,
+        operations: list[StoredOperation] | None = None,
+        baselines: list[StoredBaseline] | None = None,
+        complete: bool = False,
+    ) -> None:
+        if reset and not complete:
+            # Differs from the reference: whenever a replica is told to overwrite its local
+            # data it gets everything needed to hold exactly the server's state, all baselines
+            # and every operation not folded into them (the reference can send a reset with
+            # only the operations after the replica's old position and no baselines).
+            operations = self.shard.operations_after(0)
+            baselines = self.shard.baselines()
+        operations = operations or []
+        baselines = baselines or []
+        response: dict[str, Any] = {
+            "type": "sync-resp",
+            "operations": [op.wire() for op in operations],
+            "baselines": [b.wire() for b in baselines],
+            "overwriteLocalData": reset,
+            "peerPresence": self.presence.all(),
+            "ackedTimestamp": message.timestamp,
+        }
+        ack = self.global_ack()
+        if ack is not None:
+            response["globalAckTimestamp"] = ack
+        if operations:
+            # The nonce names the newest server order sent (the reference takes the last by
+            # timestamp, which can be older and makes the replica receive ops twice).
+            response["ackThisNonce"] = encode_nonce(max(op.server_order for op in operations))
+        restricted = any(op.authz for op in operations) or any(b.authz for b in baselines)
+        self._reply(out, peer, response, restricted=restricted)
+
+    # -- compaction -------------------------------------------------------------------------
+
+    def rebase(self, online_replica_ids: Iterable[str] = ()) -> RebaseResult:
+        """Fold acknowledged history into baselines. Run inside a transaction.
+
+        An operation is folded when every replica that counts has acknowledged it: its server
+        order is below the lowest acknowledged server order, and its timestamp is before the
+        global ack. Differs from the reference in two ways that keep the server's snapshot equal
+        to what every client computes:
+        - each object's operations are walked in timestamp order over ALL its history and the
+          walk stops at the first operation not yet acknowledged (the reference looks only at
+          the acknowledged slice, so an older unacknowledged operation could end up behind a
+          newer folded one);
+        - an operation not newer than the object's baseline never changes it (clients ignore
+          such operations; the reference applied them on top, letting an older value win).
+        """
+        result = RebaseResult()
+        if not self.rebase_enabled:
+            return result
+        global_ack = self.shard.global_ack(online_replica_ids)
+        result.global_ack = global_ack
+        if global_ack is None:
+            return result
+        server_order = self.shard.earliest_acked_server_order()
+        if server_order <= 0:
+            return result
+        deleted_refs: list[dict[str, Any]] = []
+        for oid in self.shard.oids_with_operations_before(server_order, global_ack):
+            history = self.shard.operations_for(oid)
+            baseline = self.shard.baseline(oid)
+            floor = baseline.timestamp if baseline is not None else None
+            folded: list[StoredOperation] = []
+            stale: list[StoredOperation] = []
+            for op in history:
+                acknowledged = op.server_order < server_order and op.timestamp < global_ack
+                if floor is not None and op.timestamp <= floor:
+                    # Already behind the baseline: no client applies it. Drop it once acked.
+                    if acknowledged:
+                        stale.append(op)
+                    continue
+                if not acknowledged:
+                    break
+                folded.append(op)
+            if stale:
+                self.shard.delete_operations(stale)
+                result.folded_operations += len(stale)
+            if not folded:
+                continue
+            snapshot = baseline.snapshot() if baseline is not None else None
+            authz_key = baseline.authz if baseline is not None else folded[0].authz
+            for op in folded:
+                data = op.data()
+                try:
+                    snapshot = patches.apply_patch(snapshot, data, deleted_refs)
+                except patches.PatchError as exc:
+                    # Validated on the way in, so this is history written by someone else;
+                    # clients skip what they cannot apply, and so do we.
+                    log.error(
+                        "skipping unappliable operation during compaction library=%s oid=%s "
+                        "timestamp=%s error=%s",
+                        self.id, oid, op.timestamp, exc,
+                    )
+                    continue
+                if data.get("op") == "initialize":
+                    authz_key = op.authz
+            self.shard.put_baseline(oid, snapshot, folded[-1].timestamp, authz_key)
+            self.shard.delete_operations(folded)
+            result.folded_operations += len(folded)
+            result.objects += 1
+        for ref in deleted_refs:
+            if patches.is_file_ref(ref):
+                self.shard.mark_file_pending_delete(ref["id"])
+                result.deleted_file_ids.append(ref["id"])
+        return result
+
+    # -- reading documents ------------------------------------------------------------------
+
+    def object_snapshot(self, oid: str) -> Any:
+        """An object's current state: its baseline plus newer operations in timestamp order."""
+        baseline = self.shard.baseline(oid)
+        snapshot = baseline.snapshot() if baseline is not None else None
+        floor = baseline.timestamp if baseline is not None else None
+        for op in self.shard.operations_for(oid):
+            if floor is not None and op.timestamp <= floor:
+                continue
+            try:
+                snapshot = patches.apply_patch(snapshot, op.data(), None)
+            except patches.PatchError:
+                continue
+        return snapshot
+
+    def hydrate(
+        self,
+        oid: str,
+        file_info: Callable[[str], dict[str, Any] | None],
+        *,
+        _seen: frozenset[str] = frozenset(),
+    ) -> Any:
+        """A document with nested objects and file infos resolved (for admin and tests).
+
+        A reference cycle (possible only in hostile data) resolves to None instead of looping.
+        """
+        if oid in _seen or len(_seen) > 256:
+            return None
+        seen = _seen | {oid}
+        snapshot = self.object_snapshot(oid)
+
+        def resolve(value: Any) -> Any:
+            if patches.is_object_ref(value):
+                return self.hydrate(value["id"], file_info, _seen=seen)
+            if patches.is_file_ref(value):
+                return file_info(value["id"])
+            return value
+
+        if isinstance(snapshot, list):
+            return [resolve(v) for v in snapshot]
+        if isinstance(snapshot, dict):
+            return {k: resolve(v) for k, v in snapshot.items()}
+        return snapshot
+
+    def info(self) -> dict[str, Any] | None:
+        replicas = self.shard.replicas()
+        data = {
+            "id": self.id,
+            "replicas": [
+                {
+                    "id": r.id,
+                    "userId": r.user_id,
+                    "ackedLogicalTime": r.acked_logical_time,
+                    "ackedServerOrder": r.acked_server_order,
+                    "type": r.type,
+                    "truant": self.shard.is_truant(r),
+                }
+                for r in replicas
+            ],
+            "latestServerOrder": self.shard.latest_server_order(),
+            "operationsCount": self.shard.operation_count(),
+            "baselinesCount": self.shard.baseline_count(),
+            "globalAck": self.shard.global_ack(),
+        }
+        if not replicas and not data["operationsCount"] and not data["baselinesCount"]:
+            return None
+        return data

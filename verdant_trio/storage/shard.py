@@ -1,0 +1,474 @@
+"""One library's SQLite shard (APSW): operations, baselines, replicas and file metadata.
+
+Synchronous by design: exactly one task (the library's) uses a shard at a time, either inline for
+small statements or through `trio.to_thread` for big reads, so there is no locking here. All
+writes of one batch of messages happen in one transaction (`with shard.transaction():`), which
+is what lets the server acknowledge only what is committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import apsw
+import orjson
+
+from ..protocol import ReplicaType
+from .schema import migrate
+
+MS_PER_MINUTE: Final = 60_000
+MS_PER_DAY: Final = 86_400_000
+
+
+@dataclass(slots=True)
+class StoredOperation:
+    oid: str
+    timestamp: str
+    data_json: str
+    server_order: int
+    replica_id: str
+    authz: str | None
+
+    def data(self) -> Any:
+        return orjson.loads(self.data_json)
+
+    def wire(self) -> dict[str, Any]:
+        """The operation as clients receive it; `data` is spliced in without re-encoding."""
+        out: dict[str, Any] = {
+            "oid": self.oid,
+            "timestamp": self.timestamp,
+            "data": orjson.Fragment(self.data_json),
+        }
+        if self.authz:
+            out["authz"] = self.authz
+        return out
+
+
+@dataclass(slots=True)
+class StoredBaseline:
+    oid: str
+    snapshot_json: str | None
+    timestamp: str
+    authz: str | None
+
+    def snapshot(self) -> Any:
+        return None if self.snapshot_json is None else orjson.loads(self.snapshot_json)
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "oid": self.oid,
+            "snapshot": None
+            if self.snapshot_json is None
+            else orjson.Fragment(self.snapshot_json),
+            "timestamp": self.timestamp,
+        }
+        if self.authz:
+            out["authz"] = self.authz
+        return out
+
+
+@dataclass(slots=True)
+class ReplicaRow:
+    id: str
+    user_id: str
+    last_seen_ms: int | None
+    acked_logical_time: str | None
+    type: int
+    acked_server_order: int
+
+
+@dataclass(slots=True)
+class FileRow:
+    file_id: str
+    name: str
+    type: str
+    pending_delete_at_ms: int | None
+
+
+_OP_COLUMNS: Final = 'oid, timestamp, data, serverOrder, replicaId, authz'
+_REPLICA_COLUMNS: Final = (
+    "id, clientId, lastSeenWallClockTime, ackedLogicalTime, type, ackedServerOrder"
+)
+
+
+def _op(row: Sequence[Any]) -> StoredOperation:
+    return StoredOperation(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _replica(row: Sequence[Any]) -> ReplicaRow:
+    return ReplicaRow(row[0], row[1], row[2], row[3], int(row[4]), int(row[5]))
+
+
+def _file(row: Sequence[Any]) -> FileRow:
+    return FileRow(row[0], row[1], row[2], row[3])
+
+
+class Shard:
+    """A library's database. Open with `Shard.open`; close with `close()`."""
+
+    def __init__(
+        self,
+        conn: apsw.Connection,
+        path: str,
+        *,
+        truancy_minutes: float,
+        file_expiration_days: float,
+        now_ms: Callable[[], int],
+    ) -> None:
+        self.conn = conn
+        self.path = path
+        self.truancy_ms = int(truancy_minutes * MS_PER_MINUTE)
+        self.file_expiration_ms = int(file_expiration_days * MS_PER_DAY)
+        self.now_ms = now_ms
+        self.closed = False
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        truancy_minutes: float = 7 * 24 * 60,
+        file_expiration_days: float = 14,
+        synchronous: str = "FULL",
+        wal: bool = True,
+        now_ms: Callable[[], int] | None = None,
+    ) -> Shard:
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = apsw.Connection(path)
+        try:
+            conn.setbusytimeout(5000)
+            if wal and path != ":memory:":
+                conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            conn.execute(f"PRAGMA synchronous={_synchronous(synchronous)}")
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(
+            conn,
+            path,
+            truancy_minutes=truancy_minutes,
+            file_expiration_days=file_expiration_days,
+            now_ms=now_ms or (lambda: int(time.time() * 1000)),
+        )
+
+    def close(self, *, checkpoint: bool = True) -> None:
+        """Checkpoint the WAL into the main file (so a copied `.sqlite` is whole) and close."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if checkpoint and self.path != ":memory:":
+                with contextlib.suppress(apsw.Error):
+                    self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+        finally:
+            self.conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn:
+            yield
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        row = self.conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    # -- operations -------------------------------------------------------------------------
+
+    def latest_server_order(self) -> int:
+        value = self._one('SELECT MAX(serverOrder) FROM "OperationHistory"')
+        return int(value) if value is not None else 0
+
+    def operation_count(self) -> int:
+        return int(self._one('SELECT COUNT(*) FROM "OperationHistory"'))
+
+    def insert_operations(
+        self, replica_id: str, operations: Iterable[dict[str, Any]]
+    ) -> tuple[int, int]:
+        """Store operations in the order given; returns (latest server order, inserted count).
+
+        A duplicate `(replicaId, oid, timestamp)` is ignored (a replica re-sending what the
+        server already has), so it gets no new server order.
+        """
+        order = self.latest_server_order()
+        inserted = 0
+        execute = self.conn.execute
+        for op in operations:
+            execute(
+                'INSERT INTO "OperationHistory" '
+                "(oid, data, timestamp, replicaId, serverOrder, authz) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (replicaId, oid, timestamp) DO NOTHING",
+                (
+                    op["oid"],
+                    orjson.dumps(op["data"]).decode(),
+                    op["timestamp"],
+                    replica_id,
+                    order + 1,
+                    op.get("authz") or None,
+                ),
+            )
+            if self.conn.changes():
+                order += 1
+                inserted += 1
+        return order, inserted
+
+    def operations_after(self, server_order: int) -> list[StoredOperation]:
+        return [
+            _op(r)
+            for r in self.conn.execute(
+                f'SELECT {_OP_COLUMNS} FROM "OperationHistory" WHERE serverOrder > ? '
+                "ORDER BY timestamp ASC",
+                (server_order,),
+            )
+        ]
+
+    def operations_for(self, oid: str) -> list[StoredOperation]:
+        return [
+            _op(r)
+            for r in self.conn.execute(
+                f'SELECT {_OP_COLUMNS} FROM "OperationHistory" WHERE oid = ? '
+                "ORDER BY timestamp ASC",
+                (oid,),
+            )
+        ]
+
+    def oids_with_operations_before(self, server_order: int, timestamp: str) -> list[str]:
+        """Objects that have at least one operation compaction may fold."""
+        return [
+            r[0]
+            for r in self.conn.execute(
+                'SELECT DISTINCT oid FROM "OperationHistory" '
+                "WHERE serverOrder < ? AND timestamp < ?",
+                (server_order, timestamp),
+            )
+        ]
+
+    def delete_operations(self, operations: Iterable[StoredOperation]) -> None:
+        self.conn.executemany(
+            'DELETE FROM "OperationHistory" WHERE replicaId = ? AND oid = ? AND timestamp = ?',
+            [(op.replica_id, op.oid, op.timestamp) for op in operations],
+        )
+
+    # -- baselines --------------------------------------------------------------------------
+
+    def baseline(self, oid: str) -> StoredBaseline | None:
+        row = self.conn.execute(
+            'SELECT oid, snapshot, timestamp, authz FROM "DocumentBaseline" WHERE oid = ?',
+            (oid,),
+        ).fetchone()
+        return None if row is None else StoredBaseline(row[0], row[1], row[2], row[3])
+
+    def baselines(self) -> list[StoredBaseline]:
+        return [
+            StoredBaseline(r[0], r[1], r[2], r[3])
+            for r in self.conn.execute(
+                'SELECT oid, snapshot, timestamp, authz FROM "DocumentBaseline" '
+                "ORDER BY timestamp ASC"
+            )
+        ]
+
+    def baseline_count(self) -> int:
+        return int(self._one('SELECT COUNT(*) FROM "DocumentBaseline"'))
+
+    def put_baseline(self, oid: str, snapshot: Any, timestamp: str, authz: str | None) -> None:
+        """Upsert; a deleted object (snapshot None) has no baseline row, as in the reference."""
+        if snapshot is None:
+            self.conn.execute('DELETE FROM "DocumentBaseline" WHERE oid = ?', (oid,))
+            return
+        self.conn.execute(
+            'INSERT INTO "DocumentBaseline" (oid, snapshot, timestamp, authz) VALUES (?, ?, ?, ?) '
+            "ON CONFLICT(oid) DO UPDATE SET snapshot = excluded.snapshot, "
+            "timestamp = excluded.timestamp, authz = excluded.authz",
+            (oid, orjson.dumps(snapshot).decode(), timestamp, authz or None),
+        )
+
+    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> None:
+        """Store baselines a replica sent with its full history.
+
+        Unlike the reference (a plain upsert), a baseline never replaces one that is as new or
+        newer: an older snapshot must not win over what the server already compacted.
+        """
+        for b in baselines:
+            existing = self.baseline(b["oid"])
+            if existing is not None and existing.timestamp >= b["timestamp"]:
+                continue
+            self.put_baseline(b["oid"], b.get("snapshot"), b["timestamp"], b.get("authz"))
+
+    # -- replicas ---------------------------------------------------------------------------
+
+    @property
+    def truant_cutoff_ms(self) -> int:
+        return self.now_ms() - self.truancy_ms
+
+    def replica(self, replica_id: str) -> ReplicaRow | None:
+        row = self.conn.execute(
+            f'SELECT {_REPLICA_COLUMNS} FROM "ReplicaInfo" WHERE id = ?', (replica_id,)
+        ).fetchone()
+        return None if row is None else _replica(row)
+
+    def replicas(self) -> list[ReplicaRow]:
+        return [
+            _replica(r)
+            for r in self.conn.execute(f'SELECT {_REPLICA_COLUMNS} FROM "ReplicaInfo"')
+        ]
+
+    def create_replica(self, replica_id: str, user_id: str, type: ReplicaType) -> ReplicaRow:
+        self.conn.execute(
+            'INSERT INTO "ReplicaInfo" (id, clientId, type, ackedServerOrder) VALUES (?, ?, ?, 0)',
+            (replica_id, user_id, int(type)),
+        )
+        return ReplicaRow(replica_id, user_id, None, None, int(type), 0)
+
+    def set_replica_type(self, replica_id: str, type: ReplicaType) -> None:
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET type = ? WHERE id = ?', (int(type), replica_id)
+        )
+
+    def is_truant(self, replica: ReplicaRow) -> bool:
+        return replica.last_seen_ms is not None and replica.last_seen_ms < self.truant_cutoff_ms
+
+    def touch_replica(self, replica_id: str) -> None:
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET lastSeenWallClockTime = ? WHERE id = ?',
+            (self.now_ms(), replica_id),
+        )
+
+    def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, ?) WHERE id = ?',
+            (server_order, replica_id),
+        )
+
+    def update_acked_logical_time(self, replica_id: str, timestamp: str) -> None:
+        """Monotonic: an older timestamp never pulls a replica's acknowledged time back."""
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET ackedLogicalTime = ? '
+            "WHERE id = ? AND (ackedLogicalTime IS NULL OR ackedLogicalTime < ?)",
+            (timestamp, replica_id, timestamp),
+        )
+
+    def acknowledge_operation(self, replica_id: str, timestamp: str) -> None:
+        """A timestamp ack: the replica has seen everything up to `timestamp`."""
+        self.update_acked_logical_time(replica_id, timestamp)
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, COALESCE('
+            '(SELECT serverOrder FROM "OperationHistory" WHERE timestamp = ? LIMIT 1), 0)) '
+            "WHERE id = ?",
+            (timestamp, replica_id),
+        )
+
+    def global_ack(self, online_replica_ids: Iterable[str] = ()) -> str | None:
+        """The oldest acknowledged time among replicas that hold history back.
+
+        Non-truant active replicas (realtime, push) always count; passive and read-only ones
+        only while online. Replicas that never acknowledged anything do not hold it back, as in
+        the reference.
+        """
+        online = set(online_replica_ids)
+        cutoff = self.truant_cutoff_ms
+        if not online:
+            value = self._one(
+                'SELECT MIN(ackedLogicalTime) FROM "ReplicaInfo" '
+                "WHERE lastSeenWallClockTime > ? AND type < 2 AND ackedLogicalTime IS NOT NULL",
+                (cutoff,),
+            )
+            return None if value is None else str(value)
+        lowest: str | None = None
+        for rid, rtype, acked in self.conn.execute(
+            'SELECT id, type, ackedLogicalTime FROM "ReplicaInfo" '
+            "WHERE lastSeenWallClockTime > ? AND ackedLogicalTime IS NOT NULL",
+            (cutoff,),
+        ):
+            if (rtype < 2 or rid in online) and (lowest is None or acked < lowest):
+                lowest = acked
+        return lowest
+
+    def earliest_acked_server_order(self) -> int:
+        value = self._one(
+            'SELECT MIN(ackedServerOrder) FROM "ReplicaInfo" WHERE lastSeenWallClockTime > ?',
+            (self.truant_cutoff_ms,),
+        )
+        return int(value) if value is not None else 0
+
+    def delete_replica(self, replica_id: str) -> None:
+        self.conn.execute('DELETE FROM "ReplicaInfo" WHERE id = ?', (replica_id,))
+
+    def delete_replicas_of_user(self, user_id: str) -> int:
+        self.conn.execute('DELETE FROM "ReplicaInfo" WHERE clientId = ?', (user_id,))
+        return int(self.conn.changes())
+
+    def force_truant(self, replica_id: str) -> bool:
+        self.conn.execute(
+            'UPDATE "ReplicaInfo" SET lastSeenWallClockTime = ? WHERE id = ?',
+            (self.truant_cutoff_ms - 1, replica_id),
+        )
+        return bool(self.conn.changes())
+
+    # -- file metadata ----------------------------------------------------------------------
+
+    def file(self, file_id: str) -> FileRow | None:
+        row = self.conn.execute(
+            'SELECT fileId, name, type, pendingDeleteAt FROM "FileMetadata" WHERE fileId = ?',
+            (file_id,),
+        ).fetchone()
+        return None if row is None else _file(row)
+
+    def files(self) -> list[FileRow]:
+        return [
+            _file(r)
+            for r in self.conn.execute(
+                'SELECT fileId, name, type, pendingDeleteAt FROM "FileMetadata"'
+            )
+        ]
+
+    def put_file(self, file_id: str, name: str, type: str) -> None:
+        self.conn.execute(
+            'INSERT INTO "FileMetadata" (fileId, name, type) VALUES (?, ?, ?) '
+            "ON CONFLICT(fileId) DO UPDATE SET name = excluded.name, type = excluded.type, "
+            "pendingDeleteAt = NULL",
+            (file_id, name, type),
+        )
+
+    def mark_file_pending_delete(self, file_id: str) -> None:
+        self.conn.execute(
+            'UPDATE "FileMetadata" SET pendingDeleteAt = ? WHERE fileId = ?',
+            (self.now_ms(), file_id),
+        )
+
+    def files_pending_delete(self) -> list[FileRow]:
+        """Files whose refs disappeared longer ago than the expiration."""
+        return [
+            _file(r)
+            for r in self.conn.execute(
+                'SELECT fileId, name, type, pendingDeleteAt FROM "FileMetadata" '
+                "WHERE pendingDeleteAt < ?",
+                (self.now_ms() - self.file_expiration_ms,),
+            )
+        ]
+
+    def delete_file(self, file_id: str) -> None:
+        self.conn.execute('DELETE FROM "FileMetadata" WHERE fileId = ?', (file_id,))
+
+    # -- whole library ----------------------------------------------------------------------
+
+    def delete_everything(self) -> None:
+        """Eviction: replicas, history and baselines go; file metadata is removed by the caller
+        once the files themselves are deleted."""
+        self.conn.execute('DELETE FROM "ReplicaInfo"')
+        self.conn.execute('DELETE FROM "OperationHistory"')
+        self.conn.execute('DELETE FROM "DocumentBaseline"')
+
+
+def _synchronous(value: str) -> str:
+    upper = value.upper()
+    if upper not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"synchronous must be one of OFF, NORMAL, FULL, EXTRA, got {value!r}")
+    return upper
