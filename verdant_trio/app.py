@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
-from quart import Quart, Response, request
+from quart import Blueprint, Quart, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -125,7 +125,27 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
         log.exception("unexpected error path=%s", request.path)
         return json_response({"code": int(ErrorCode.UNEXPECTED), "message": "internal error"}, 500)
 
-    @app.post(sync_path)
+    app.register_blueprint(sync_blueprint(core), url_prefix=sync_path if sync_path != "/" else None)
+
+    if settings.admin_path is not None and (settings.admin_open or settings.admin_token):
+        register_admin(app, core, settings)
+
+    if settings.dev_token_secret is not None:
+        register_dev_auth(app, settings)
+
+    return app
+
+
+def sync_blueprint(core: VerdantCore, name: str = "verdant_sync") -> Blueprint:
+    """The sync endpoint (HTTP push/pull and websocket) as a blueprint, for any prefix.
+
+    Register it where the app's tokens say the sync endpoint is (`url` claim). In the daemon the
+    websocket route is never reached: `VerdantAsgi` serves the socket before Quart sees it.
+    """
+    bp = Blueprint(name, __name__)
+
+    @bp.post("")
+    @bp.post("/")
     async def http_sync() -> Response:
         info = core.verify(bearer_token(request.headers.get("Authorization")))
         raw = await request.get_data(cache=False)
@@ -139,13 +159,46 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
         result = await core.http_sync(info, messages)
         return Response(result, content_type="application/json")
 
-    if settings.admin_path is not None and (settings.admin_open or settings.admin_token):
-        register_admin(app, core, settings)
+    @bp.websocket("")
+    @bp.websocket("/")
+    async def sync_socket() -> Response | None:
+        try:
+            protocols = list(websocket.requested_subprotocols)
+            token = protocols[1] if len(protocols) >= 2 and protocols[0] == "Bearer" else None
+            info = core.verify(token or websocket.args.get("token"))
+            core.admit_websocket(info)
+        except VerdantError as error:
+            return error_response(error)
 
-    if settings.dev_token_secret is not None:
-        register_dev_auth(app, settings)
+        async def accept() -> None:
+            await websocket.accept(subprotocol="Bearer" if token else None)
 
-    return app
+        try:
+            await core.serve_websocket(info, accept, QuartWebSocket())
+        except VerdantError as error:
+            return error_response(error)
+        return None
+
+    return bp
+
+
+class QuartWebSocket:
+    """The sync socket through Quart's websocket context (the embedding blueprint)."""
+
+    def __init__(self) -> None:
+        self._ws = websocket._get_current_object()  # type: ignore[attr-defined]
+        self.closed = False
+
+    async def receive(self) -> str | bytes:
+        return await self._ws.receive()  # type: ignore[no-any-return]
+
+    async def send(self, text: str) -> None:
+        await self._ws.send(text)
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            await self._ws.close(code, reason)
 
 
 def register_admin(app: Quart, core: VerdantCore, settings: AppSettings) -> None:

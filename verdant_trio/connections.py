@@ -26,7 +26,15 @@ import trio
 
 from .errors import ErrorCode
 from .libraries import LibraryGone, LibraryHost
-from .protocol import Heartbeat, ProtocolError, ReplicaType, encode, parse_client_message
+from .observe import NULL_OBSERVER, Observer
+from .protocol import (
+    Heartbeat,
+    ProtocolError,
+    ReplicaType,
+    encode,
+    parse_client_message,
+    wire_type,
+)
 from .tokens import TokenInfo
 
 log = logging.getLogger(__name__)
@@ -70,22 +78,6 @@ class ConnectionSettings:
     close_timeout_s: float = 2.0
 
 
-class Counters(Protocol):
-    """What connections report to metrics (see `metrics`)."""
-
-    def message_in(self, kind: str) -> None: ...
-
-    def slow_consumer(self) -> None: ...
-
-
-class _NoCounters:
-    def message_in(self, kind: str) -> None:
-        pass
-
-    def slow_consumer(self) -> None:
-        pass
-
-
 def error_frame(message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> str:
     """Not a reference message type: clients ignore it, developers read it in the devtools."""
     return encode({"type": "error", "code": int(code), "message": message})
@@ -103,7 +95,7 @@ class ReplicaConnection:
         settings: ConnectionSettings,
         *,
         profile: Any = None,
-        counters: Counters | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.key = next_key()
         self.user_id = info.user_id
@@ -113,7 +105,7 @@ class ReplicaConnection:
         self.profile = profile if profile is not None else {"id": info.user_id}
         self._transport = transport
         self._settings = settings
-        self._counters = counters or _NoCounters()
+        self._observer = observer
         self._out_send, self._out_receive = trio.open_memory_channel[str](settings.outbound_queue)
         self._in_send, self._in_receive = trio.open_memory_channel[Any](settings.inbound_queue)
         self._cancel: trio.CancelScope | None = None
@@ -134,7 +126,7 @@ class ReplicaConnection:
                 "queue=%d",
                 self.library_id, self.user_id, self.replica_id, self._settings.outbound_queue,
             )
-            self._counters.slow_consumer()
+            self._observer.slow_consumer()
             self.close_soon(CLOSE_TRY_AGAIN_LATER, "outbound queue full (slow consumer)")
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
@@ -207,7 +199,7 @@ class ReplicaConnection:
                 message = parse_client_message(raw)
             except ProtocolError as exc:
                 errors += 1
-                self._counters.message_in("invalid")
+                self._observer.message_in("invalid")
                 log.info(
                     "refused message library=%s user=%s replica=%s error=%s",
                     self.library_id, self.user_id, self.replica_id, exc,
@@ -217,8 +209,8 @@ class ReplicaConnection:
                     self.close_soon(CLOSE_POLICY, "too many invalid messages")
                     return
                 continue
+            self._observer.message_in(wire_type(message))
             if isinstance(message, Heartbeat):
-                self._counters.message_in("heartbeat")
                 self.deliver(HEARTBEAT_RESPONSE)
                 continue
             await self._in_send.send(message)

@@ -18,7 +18,6 @@ import trio
 from .connections import (
     CLOSE_GOING_AWAY,
     ConnectionSettings,
-    Counters,
     HttpPeer,
     ReplicaConnection,
     Transport,
@@ -26,8 +25,16 @@ from .connections import (
 from .errors import ErrorCode, VerdantError
 from .libraries import Libraries, LibraryHost, LibrarySettings
 from .library import LibraryCore
+from .observe import NULL_OBSERVER, Observer
 from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
-from .protocol import ClientMessage, Heartbeat, ProtocolError, Sync, validate_client_message
+from .protocol import (
+    ClientMessage,
+    Heartbeat,
+    ProtocolError,
+    Sync,
+    validate_client_message,
+    wire_type,
+)
 from .storage.names import check_id
 from .tokens import TokenInfo, TokenVerifier
 
@@ -63,22 +70,44 @@ class VerdantCore:
         settings: CoreSettings,
         *,
         token_secret: str,
-        nursery: trio.Nursery,
         profiles: ProfileSource | None = None,
-        counters: Counters | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.settings = settings
         self.verifier = TokenVerifier(token_secret)
-        self.libraries = Libraries(settings.libraries, nursery)
+        self._libraries: Libraries | None = None
         self.profiles = (
             profiles if isinstance(profiles, CachedProfiles)
             else CachedProfiles(profiles or DefaultProfiles())
         )
-        self.counters = counters
+        self.observer = observer
+        self.running = trio.Event()
         self.sync_limiter = trio.CapacityLimiter(settings.max_concurrent_syncs)
         self.handshake_limiter = trio.CapacityLimiter(settings.max_concurrent_handshakes)
         self.connections: set[ReplicaConnection] = set()
         self.shutting_down = False
+
+    @property
+    def libraries(self) -> Libraries:
+        if self._libraries is None:
+            raise VerdantError(ErrorCode.UNAVAILABLE, "the Verdant core is not running")
+        return self._libraries
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the library tasks until cancelled; then each finishes its batch and closes."""
+        self.settings.libraries.databases_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._libraries = Libraries(self.settings.libraries, nursery, self.observer)
+                self.running.set()
+                task_status.started()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self.begin_shutdown()
+                    self._libraries.stop_all()
+        finally:
+            self._libraries = None
 
     # -- access -----------------------------------------------------------------------------
 
@@ -132,13 +161,15 @@ class VerdantCore:
                     transport,
                     self.settings.connections,
                     profile=profile,
-                    counters=self.counters,
+                    observer=self.observer,
                 )
                 self.connections.add(connection)
+                self.observer.connection_opened("websocket", int(info.type))
                 try:
                     await connection.serve(_LimitedHost(host, self.sync_limiter))
                 finally:
                     self.connections.discard(connection)
+                    self.observer.connection_closed("websocket", int(info.type))
         finally:
             if handshaking:
                 self.handshake_limiter.release()
@@ -166,6 +197,8 @@ class VerdantCore:
         """Handle a push/pull request; every message is validated before any is handled."""
         if self.shutting_down:
             raise VerdantError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        for message in messages:
+            self.observer.message_in(wire_type(message))
         peer = HttpPeer(info, profile=await self.profiles.get(info.user_id))
         if all(isinstance(m, Heartbeat) for m in messages):
             for _ in messages:
@@ -307,17 +340,13 @@ async def open_core(
     *,
     token_secret: str,
     profiles: ProfileSource | None = None,
-    counters: Counters | None = None,
+    observer: Observer = NULL_OBSERVER,
 ) -> AsyncIterator[VerdantCore]:
-    """Start the core; on exit every library task finishes its batch and closes its shard."""
-    settings.libraries.databases_dir.mkdir(parents=True, exist_ok=True)
+    """Create and run a core for the duration of the block."""
+    core = VerdantCore(settings, token_secret=token_secret, profiles=profiles, observer=observer)
     async with trio.open_nursery() as nursery:
-        core = VerdantCore(
-            settings, token_secret=token_secret, nursery=nursery, profiles=profiles,
-            counters=counters,
-        )
+        await nursery.start(core.run)
         try:
             yield core
         finally:
-            core.begin_shutdown()
-            core.libraries.stop_all()
+            nursery.cancel_scope.cancel()

@@ -30,6 +30,7 @@ import trio
 
 from .errors import ErrorCode, VerdantError
 from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
+from .observe import NULL_OBSERVER, Observer
 from .protocol import ClientMessage, Heartbeat, Sync, encode
 from . import authz
 from .storage.names import encode_id
@@ -98,16 +99,17 @@ class LibraryGone(Exception):
     """The library was evicted or its task stopped; the caller's connection should close."""
 
 
-def encode_sends(sends: list[Send]) -> list[tuple[str, list[Peer]]]:
+def encode_sends(sends: list[Send]) -> list[tuple[str, str, list[Peer]]]:
     """Encode each message once per distinct view of it.
 
     Without restricted items one encoding serves every recipient. With them, each user sees
     only their own private operations and baselines, so recipients are grouped by user.
     """
-    encoded: list[tuple[str, list[Peer]]] = []
+    encoded: list[tuple[str, str, list[Peer]]] = []
     for send in sends:
+        kind = send.message["type"]
         if not send.restricted:
-            encoded.append((encode(send.message), send.targets))
+            encoded.append((kind, encode(send.message), send.targets))
             continue
         by_user: dict[str, list[Peer]] = {}
         for peer in send.targets:
@@ -117,17 +119,24 @@ def encode_sends(sends: list[Send]) -> list[tuple[str, list[Peer]]]:
             for key in ("operations", "baselines"):
                 if view.get(key) is not None:
                     view[key] = authz.filter_visible(view[key], user_id)
-            encoded.append((encode(view), peers))
+            encoded.append((kind, encode(view), peers))
     return encoded
 
 
 class LibraryHost:
     """The task that owns one library. Get one through `Libraries.use`."""
 
-    def __init__(self, library_id: str, settings: LibrarySettings, registry: Libraries) -> None:
+    def __init__(
+        self,
+        library_id: str,
+        settings: LibrarySettings,
+        registry: Libraries,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
         self.id = library_id
         self.settings = settings
         self._registry = registry
+        self._observer = observer
         self._send, self._receive = trio.open_memory_channel[Envelope](settings.inbox_size)
         self._detached: list[Peer] = []
         self._http_leases: dict[str, tuple[float, str | None]] = {}
@@ -200,6 +209,7 @@ class LibraryHost:
         )
         self.core = LibraryCore(self.id, shard, rebase=settings.rebase)
         log.info("library opened library=%s path=%s", self.id, path)
+        self._observer.library_opened()
         task_status.started()
         try:
             with self._cancel:
@@ -211,6 +221,7 @@ class LibraryHost:
             self._fail_pending()
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(shard.close)
+            self._observer.library_closed()
             self.closed.set()
             log.info("library closed library=%s", self.id)
 
@@ -323,9 +334,9 @@ class LibraryHost:
                         envelope.peer.replica_id,
                     )
         outcome, encoded, global_ack = result
-        for text, peers in encoded:
-            for peer in peers:
-                peer.deliver(text)
+        if outcome.stored:
+            self._observer.operations_stored(outcome.stored)
+        self._hand_over(encoded)
         for envelope in work:
             if envelope.done is not None:
                 envelope.done.set()
@@ -338,7 +349,7 @@ class LibraryHost:
 
     def _run_batch(
         self, core: LibraryCore, work: list[Envelope]
-    ) -> tuple[Outcome, list[tuple[str, list[Peer]]], str | None]:
+    ) -> tuple[Outcome, list[tuple[str, str, list[Peer]]], str | None]:
         """In a worker thread: the whole batch in one transaction, encoded after the commit."""
         outcome = Outcome()
         with core.shard.transaction():
@@ -412,7 +423,12 @@ class LibraryHost:
         self._maybe_empty()
 
     def _deliver(self, sends: list[Send]) -> None:
-        for text, peers in encode_sends(sends):
+        self._hand_over(encode_sends(sends))
+
+    def _hand_over(self, encoded: list[tuple[str, str, list[Peer]]]) -> None:
+        observer = self._observer
+        for kind, text, peers in encoded:
+            observer.message_out(kind, len(peers))
             for peer in peers:
                 peer.deliver(text)
 
@@ -478,12 +494,14 @@ class LibraryHost:
         except Exception:
             log.exception("compaction failed; will retry later library=%s", self.id)
             return
+        duration_s = time.perf_counter() - started
         if result.folded_operations:
+            self._observer.rebase(duration_s, result.folded_operations)
             log.info(
                 "compacted history library=%s operations=%d objects=%d files_pending=%d "
                 "duration_ms=%.1f",
                 self.id, result.folded_operations, result.objects,
-                len(result.deleted_file_ids), (time.perf_counter() - started) * 1000,
+                len(result.deleted_file_ids), duration_s * 1000,
             )
         if result.global_ack is not None:
             # Hint to clients that they can compact too (the reference does this after every
@@ -494,9 +512,15 @@ class LibraryHost:
 class Libraries:
     """The registry of active libraries; their tasks live in this object's nursery."""
 
-    def __init__(self, settings: LibrarySettings, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        settings: LibrarySettings,
+        nursery: trio.Nursery,
+        observer: Observer = NULL_OBSERVER,
+    ) -> None:
         self.settings = settings
         self._nursery = nursery
+        self._observer = observer
         self._hosts: dict[str, LibraryHost] = {}
         self._closing: dict[str, LibraryHost] = {}
         self._starting: dict[str, trio.Event] = {}
@@ -537,7 +561,7 @@ class Libraries:
             self._closing.pop(library_id, None)
             event = self._starting[library_id] = trio.Event()
             try:
-                host = LibraryHost(library_id, self.settings, self)
+                host = LibraryHost(library_id, self.settings, self, self._observer)
                 host.on_empty = self.on_empty
                 await self._nursery.start(self._supervise, host)
                 self._hosts[library_id] = host

@@ -69,6 +69,7 @@ class Outcome:
     detach: list[Peer] = field(default_factory=list)
     changed_history: bool = False
     acks_moved: bool = False
+    stored: int = 0
 
 
 def encode_nonce(server_order: int) -> str:
@@ -195,8 +196,11 @@ class LibraryCore:
             return "truant", row
         return "existing", row
 
-    def _store_operations(self, replica: ReplicaRow, operations: list[dict[str, Any]]) -> int:
+    def _store_operations(
+        self, replica: ReplicaRow, operations: list[dict[str, Any]], out: Outcome
+    ) -> int:
         latest, inserted = self.shard.insert_operations(replica.id, operations)
+        out.stored += inserted
         # A replica that was up to date and added the only new operations is still up to date:
         # advance its server order now and save the round trip of an ack.
         if inserted and latest - replica.acked_server_order == len(operations):
@@ -215,7 +219,7 @@ class LibraryCore:
             self._reply(out, peer, {"type": "forbidden"})
             return
         _, replica = self._replica_for(peer, message.replica_id)
-        if self._store_operations(replica, message.operations):
+        if self._store_operations(replica, message.operations, out):
             out.changed_history = True
         self.shard.update_acked_logical_time(
             message.replica_id, message.operations[-1]["timestamp"]
@@ -316,7 +320,7 @@ class LibraryCore:
 
         if not overwrite:
             self.shard.insert_client_baselines(message.baselines)
-            if self._store_operations(replica, message.operations) or message.baselines:
+            if self._store_operations(replica, message.operations, out) or message.baselines:
                 out.changed_history = True
             self.shard.update_acked_logical_time(replica_id, message.timestamp)
             out.acks_moved = True

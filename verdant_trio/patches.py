@@ -25,15 +25,16 @@ snapshots and patches as immutable.
 Fidelity
 --------
 Within one :func:`apply_operations` call the in-memory JavaScript state is modelled exactly:
-array holes, ``undefined`` array elements and non-index properties set on arrays (invisible in
-JSON but readable by later operations).  The returned value is what ``JSON.stringify`` would
-write (holes and ``undefined`` elements become ``None``; array properties are dropped), so
+array holes, ``undefined`` array elements, object keys set to ``undefined`` and non-index
+properties set on arrays (all invisible in JSON but observable by later operations).  The
+returned value is what ``JSON.stringify`` would write (holes and ``undefined`` elements become
+``None``, ``undefined`` keys and array properties are dropped), so
 :func:`apply_patch` is "JSON in, JSON out", like the reference server, which stores baselines as
 JSON between rebases.  Dict key *order* is not reproduced (JavaScript lists integer-like keys
 first), only JSON equality.
 
 Whenever a faithful result is impossible this module raises :class:`PatchError` instead of
-silently diverging; it never leaves the base changed when it raises (see ``PatchError.kind``).
+silently diverging, and a patch that raises has changed nothing (see ``PatchError.kind``).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class PatchError(ValueError):
     * ``"unsupported"``: JavaScript would accept it but the outcome depends on state this module
       deliberately does not model (prototype mutation, enormous sparse arrays).
 
-    ``index`` is the position of the failing operation when raised by :func:`apply_operations`.
+    ``op`` is the patch's ``op`` when known; ``index`` the position of the failing operation
+    when raised by :func:`apply_operations`.
     """
 
     def __init__(self, kind: PatchErrorKind, message: str, op: object = None) -> None:
@@ -500,16 +502,21 @@ class _Fold:
             self.refs.append(field)  # type: ignore[arg-type]
 
     def apply(self, op: str, patch: Mapping[str, Any]) -> None:
+        """Apply a patch whose shape :func:`check_patch` accepted."""
         base = self.value
-        if base is None:
-            if op == "initialize":
-                self._replace(_clone_initial(patch.get("value")))
-            return
-        if isinstance(base, list):
-            _LIST_HANDLERS[op](self, base, patch)
-        elif op in _ANY_HANDLERS:
-            _ANY_HANDLERS[op](self, base, patch)
-        # list ops on non-lists: the reference logs and skips them
+        try:
+            if base is None:
+                if op == "initialize":
+                    self._replace(_clone_initial(patch.get("value")))
+            elif isinstance(base, list):
+                _LIST_HANDLERS[op](self, base, patch)
+            elif op in _ANY_HANDLERS:
+                _ANY_HANDLERS[op](self, base, patch)
+            # else: a list op on a non-list, which the reference logs and skips
+        except PatchError as error:
+            if error.op is None:
+                error.op = op
+            raise
 
     # -- property access on the top-level list, including non-index properties
 
@@ -632,9 +639,14 @@ class _Fold:
         only = patch.get("only")
         matches: Callable[[Any], bool]
         if is_ref(value):
-            # refs match by @@type and id; holes are never refs
+            # compareRefs: the same object, or a ref with the same @@type and id (holes are not refs)
+            ref_type = value["@@type"]
+            ref_id = value.get("id", _UNDEFINED)
+
             def matches(item: Any) -> bool:
-                return is_ref(item) and _compare_refs(item, value)
+                return item is value or (
+                    type(item) is dict and item.get("@@type") == ref_type and _js_eq(item.get("id", _UNDEFINED), ref_id)
+                )
 
         else:
             # indexOf/lastIndexOf: strict equality, skipping holes
@@ -665,16 +677,19 @@ class _Fold:
 
     def _list_add(self, base: list[Any], patch: Mapping[str, Any]) -> None:
         value = patch.get("value", _UNDEFINED)
-        value_is_ref = is_object_ref(value)
-        value_id = value.get("id", _UNDEFINED) if value_is_ref else None
-        for item in base:
-            if item is _HOLE:  # `some` skips holes
-                continue
-            if value_is_ref and is_object_ref(item):
-                if _js_eq(item.get("id", _UNDEFINED), value_id):
+        if is_object_ref(value):
+            value_id = value.get("id", _UNDEFINED)
+            for item in base:
+                if type(item) is dict and item.get("@@type") == "ref":
+                    if _js_eq(item.get("id", _UNDEFINED), value_id):
+                        return
+                elif item is value:
                     return
-            elif _js_eq(item, value):  # file refs and plain objects: identity, so never equal
-                return
+        else:
+            for item in base:
+                # `some` skips holes; file refs and plain objects compare by identity
+                if item is not _HOLE and _js_eq(item, value):
+                    return
         base.append(value)
         if value is _UNDEFINED:
             self.dirty = True
@@ -815,12 +830,11 @@ def apply_operations(
     With ``on_error`` each failing operation is reported (``error.index`` set) and skipped, and
     the fold continues; raise from the callback to abort.
     """
-    ops = operations if isinstance(operations, Sequence) else list(operations)
     fold = _Fold(base, deleted_refs)
     try:
         if on_error is None:
             checked = []
-            for i, operation in enumerate(ops):
+            for i, operation in enumerate(operations):
                 try:
                     checked.append(_check_operation(operation))
                 except PatchError as error:
@@ -832,8 +846,8 @@ def apply_operations(
                 except PatchError as error:
                     error.index = i
                     raise
-        else:
-            for i, operation in enumerate(ops):
+        else:  # streams: `operations` may be a cursor
+            for i, operation in enumerate(operations):
                 try:
                     op, patch = _check_operation(operation)
                     fold.apply(op, patch)

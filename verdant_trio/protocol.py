@@ -118,6 +118,14 @@ class SyncAck:
 ClientMessage: TypeAlias = Union[Heartbeat, Sync, Op, Ack, PresenceUpdate, Disconnecting, SyncAck]
 
 
+WIRE_TYPES: Final[dict[type, str]] = {}
+
+
+def wire_type(message: ClientMessage) -> str:
+    """The `type` a parsed message had on the wire (for logs and metrics)."""
+    return WIRE_TYPES[type(message)]
+
+
 def decode_json(raw: str | bytes) -> Any:
     """Parse JSON strictly (no NaN, valid UTF-8, 64-bit integers, bounded depth)."""
     try:
@@ -333,6 +341,12 @@ def validate_client_message(obj: Any) -> ClientMessage:
     if kind == "sync-ack":
         return SyncAck(replica_id=replica_id)
     raise ProtocolError(f"unknown message type '{kind[:64]}'")
+
+
+WIRE_TYPES.update({
+    Heartbeat: "heartbeat", Sync: "sync", Op: "op", Ack: "ack",
+    PresenceUpdate: "presence-update", Disconnecting: "disconnecting", SyncAck: "sync-ack",
+})
 
 
 def encode(message: JsonObject) -> str:
