@@ -52,7 +52,7 @@ class Harness:
         parsed = validate_client_message(message)
         with self.shard.transaction():
             self.core.handle(peer, parsed, outcome)
-        for text, peers in encode_sends(outcome.sends):
+        for _kind, text, peers in encode_sends(outcome.sends):
             for target in peers:
                 target.deliver(text)
         return outcome

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import orjson
+import trio
 from quart import Blueprint, Quart, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -23,10 +24,21 @@ from werkzeug.exceptions import HTTPException
 from .connections import Disconnected
 from .core import VerdantCore
 from .errors import ErrorCode, VerdantError
+from .files import (
+    LocalFileStorage,
+    UploadTooLarge,
+    is_active_content,
+    open_multipart_file,
+    plan_file_response,
+)
+from .storage.names import decode_name
 from .protocol import ProtocolError, ReplicaType, decode_json
 from .tokens import TokenProvider
 
 log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+"""Room for boundaries and part headers around an upload of the maximum size."""
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -70,7 +82,9 @@ def bearer_token(header: str | None) -> str | None:
 
 def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
     app = QuartTrio(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = max(
+        settings.max_body_bytes, core.settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    )
     app.config["BODY_TIMEOUT"] = settings.body_timeout_s
     app.config["RESPONSE_TIMEOUT"] = None
     sync_path = settings.sync_path.rstrip("/") or "/"
@@ -125,7 +139,10 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
         log.exception("unexpected error path=%s", request.path)
         return json_response({"code": int(ErrorCode.UNEXPECTED), "message": "internal error"}, 500)
 
-    app.register_blueprint(sync_blueprint(core), url_prefix=sync_path if sync_path != "/" else None)
+    app.register_blueprint(
+        sync_blueprint(core, max_body_bytes=settings.max_body_bytes),
+        url_prefix=sync_path if sync_path != "/" else None,
+    )
 
     if settings.admin_path is not None and (settings.admin_open or settings.admin_token):
         register_admin(app, core, settings)
@@ -133,10 +150,31 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
     if settings.dev_token_secret is not None:
         register_dev_auth(app, settings)
 
+    if isinstance(core.file_storage, LocalFileStorage):
+        register_file_serving(app, core, core.file_storage)
+
     return app
 
 
-def sync_blueprint(core: VerdantCore, name: str = "verdant_sync") -> Blueprint:
+async def read_limited(max_bytes: int) -> bytes:
+    """The request body, refused with 413 past `max_bytes` (the app-wide limit is the larger
+    upload limit, so sync requests need their own)."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise VerdantError(ErrorCode.PAYLOAD_TOO_LARGE, f"body is larger than {max_bytes} bytes")
+    data = bytearray()
+    async for chunk in request.body:
+        data += chunk
+        if len(data) > max_bytes:
+            raise VerdantError(ErrorCode.PAYLOAD_TOO_LARGE, f"body is larger than {max_bytes} bytes")
+    return bytes(data)
+
+
+def sync_blueprint(
+    core: VerdantCore,
+    name: str = "verdant_sync",
+    *,
+    max_body_bytes: int = 100 * 1024 * 1024,
+) -> Blueprint:
     """The sync endpoint (HTTP push/pull and websocket) as a blueprint, for any prefix.
 
     Register it where the app's tokens say the sync endpoint is (`url` claim). In the daemon the
@@ -148,7 +186,7 @@ def sync_blueprint(core: VerdantCore, name: str = "verdant_sync") -> Blueprint:
     @bp.post("/")
     async def http_sync() -> Response:
         info = core.verify(bearer_token(request.headers.get("Authorization")))
-        raw = await request.get_data(cache=False)
+        raw = await read_limited(max_body_bytes)
         if not raw:
             raise VerdantError(ErrorCode.BODY_REQUIRED, "body must be {\"messages\": [...]}")
         try:
@@ -158,6 +196,23 @@ def sync_blueprint(core: VerdantCore, name: str = "verdant_sync") -> Blueprint:
         messages = core.parse_http_body(body)
         result = await core.http_sync(info, messages)
         return Response(result, content_type="application/json")
+
+    @bp.get("/files/<file_id>")
+    async def file_info(file_id: str) -> Response:
+        info = core.verify(bearer_token(request.headers.get("Authorization")))
+        return json_response(await core.file_info(info.library_id, file_id, request_origin()))
+
+    @bp.post("/files/<file_id>")
+    async def upload_file(file_id: str) -> Response:
+        # Embedding path (Quart buffers what the network delivers faster than we write; the
+        # daemon streams uploads at the ASGI level with real backpressure instead).
+        info = core.verify(bearer_token(request.headers.get("Authorization")))
+        upload = await open_multipart_file(
+            aiter(request.body), request.headers.get("Content-Type"),
+            max_bytes=core.settings.max_upload_bytes,
+        )
+        await core.upload(info, file_id, upload)
+        return json_response({"success": True})
 
     @bp.websocket("")
     @bp.websocket("/")
@@ -201,6 +256,47 @@ class QuartWebSocket:
             await self._ws.close(code, reason)
 
 
+def request_origin() -> str:
+    return request.host_url.rstrip("/")
+
+
+def register_file_serving(app: Quart, core: VerdantCore, storage: LocalFileStorage) -> None:
+    """`GET /files/<library>/<file id>/<name>`: ranges, ETag/Last-Modified, streamed.
+
+    Only files that still have metadata are served, with the type stored at upload. Types a
+    browser would run as a page or script of our origin download as attachments unless
+    configured otherwise, and nothing is sniffed.
+    """
+
+    @app.route("/files/<library_name>/<file_name>/<name>", methods=["GET", "HEAD"])
+    async def serve_file(library_name: str, file_name: str, name: str) -> Response:
+        path = storage.locate(library_name, file_name, name)
+        if path is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
+        try:
+            library_id, file_id = decode_name(library_name), decode_name(file_name)
+        except ValueError:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found") from None
+        content_type = await core.served_file_type(library_id, file_id)
+        if content_type is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
+        plan = await trio.to_thread.run_sync(
+            plan_file_response, path, content_type, dict(request.headers)
+        )
+        body = plan.body(path) if request.method == "GET" and plan.status in (200, 206) else b""
+        response = Response(body, status=plan.status, headers=plan.headers)
+        if plan.status in (200, 206):
+            response.timeout = None  # big files take their time
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+        response.headers["Cache-Control"] = "private, max-age=3600"
+        if is_active_content(content_type) and not core.settings.serve_active_content_inline:
+            response.headers["Content-Disposition"] = (
+                f"attachment; filename*=UTF-8''{quote(path.name, safe='')}"
+            )
+        return response
+
+
 def register_admin(app: Quart, core: VerdantCore, settings: AppSettings) -> None:
     prefix = (settings.admin_path or "").rstrip("/")
 
@@ -218,12 +314,14 @@ def register_admin(app: Quart, core: VerdantCore, settings: AppSettings) -> None
     @app.get(f"{prefix}/libraries/<path:library_id>/documents/<collection>/<document_id>")
     async def admin_document(library_id: str, collection: str, document_id: str) -> Response:
         authorize()
-        return json_response(await core.document(library_id, collection, document_id))
+        return json_response(
+            await core.document(library_id, collection, document_id, request_origin())
+        )
 
     @app.get(f"{prefix}/libraries/<path:library_id>/files/<file_id>")
     async def admin_file(library_id: str, file_id: str) -> Response:
         authorize()
-        info = await core.file_info(library_id, file_id)
+        info = await core.file_info(library_id, file_id, request_origin())
         # `fileName` too: Verdant's own integration suite reads that name.
         return json_response({**info, "fileName": info["name"]})
 
@@ -342,12 +440,63 @@ class VerdantAsgi:
         self.quart = quart_app
         self.settings = settings
         self._sync_path = settings.sync_path.rstrip("/") or "/"
+        self._files_prefix = self._sync_path.rstrip("/") + "/files/"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket" and scope["path"].rstrip("/") == self._sync_path.rstrip("/"):
+        path = scope.get("path", "")
+        if scope["type"] == "websocket" and path.rstrip("/") == self._sync_path.rstrip("/"):
             await self.websocket(scope, receive, send)
+        elif (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and path.startswith(self._files_prefix)
+            and "/" not in path[len(self._files_prefix):]
+            and len(path) > len(self._files_prefix)
+        ):
+            await self.upload(scope, receive, send, path[len(self._files_prefix):])
         else:
             await self.quart(scope, receive, send)  # type: ignore[arg-type]
+
+    async def upload(self, scope: Scope, receive: Receive, send: Send, file_id: str) -> None:
+        """`POST {sync}/files/{id}` read straight from ASGI events.
+
+        Hypercorn queues a bounded number of body events and stops reading the socket when the
+        queue is full, so a slow disk slows the client down instead of growing our memory.
+        """
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        status, body = 200, b'{"success":true}'
+        try:
+            info = self.core.verify(bearer_token(headers.get("authorization")))
+            limit = self.core.settings.max_upload_bytes
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD_BYTES:
+                raise UploadTooLarge(limit)
+            upload = await open_multipart_file(
+                _asgi_body(receive), headers.get("content-type"), max_bytes=limit
+            )
+            await self.core.upload(info, file_id, upload)
+        except VerdantError as error:
+            if error.http_status >= 500:
+                log.error("upload failed file=%s error=%s", file_id, error)
+            else:
+                log.info("upload refused file=%s status=%d reason=%s", file_id, error.http_status, error.message)
+            status, body = error.http_status, orjson.dumps(error.to_body())
+        except _ClientGone:
+            log.info("upload interrupted by the client file=%s", file_id)
+            return
+        response_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        origin = headers.get("origin")
+        if origin and (self.settings.cors_origins is None or origin in self.settings.cors_origins):
+            response_headers += [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"access-control-allow-credentials", b"true"),
+                (b"vary", b"Origin"),
+            ]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         event = await receive()
@@ -382,6 +531,22 @@ class VerdantAsgi:
                 await transport.close(1011, error.message[:120])
         except Disconnected:
             pass
+
+
+class _ClientGone(Exception):
+    """The client disconnected in the middle of its request."""
+
+
+async def _asgi_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            raise _ClientGone()
+        chunk = event.get("body", b"")
+        if chunk:
+            yield bytes(chunk)
+        if not event.get("more_body", False):
+            return
 
 
 def create_asgi_app(core: VerdantCore, settings: AppSettings) -> VerdantAsgi:

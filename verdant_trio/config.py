@@ -25,6 +25,8 @@ class ServerSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     graceful_timeout_s: float = 10.0
     files_dir: Path | None = None
+    files_public_url: str | None = None
+    """Base URL of file links (the public origin behind a proxy); default: the request's."""
     profiles: ProfileSource | None = None
 
 

@@ -23,6 +23,7 @@ from .connections import (
     Transport,
 )
 from .errors import ErrorCode, VerdantError
+from .files import DEFAULT_MAX_UPLOAD_BYTES, FileStorage, MultipartFile, StoredFile
 from .libraries import Libraries, LibraryHost, LibrarySettings
 from .library import LibraryCore
 from .observe import NULL_OBSERVER, Observer
@@ -35,7 +36,7 @@ from .protocol import (
     validate_client_message,
     wire_type,
 )
-from .storage.names import check_id
+from .storage.names import check_id, safe_file_name
 from .tokens import TokenInfo, TokenVerifier
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class CoreSettings:
     max_concurrent_handshakes: int = 64
     handshake_timeout_s: float = 10.0
     max_http_messages: int = 10_000
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    serve_active_content_inline: bool = False
+    """Serve uploaded HTML/SVG/JS as pages of our origin (off: they download as attachments)."""
 
 
 def sanitize_fragment(value: str) -> str:
@@ -72,8 +76,12 @@ class VerdantCore:
         token_secret: str,
         profiles: ProfileSource | None = None,
         observer: Observer = NULL_OBSERVER,
+        file_storage: FileStorage | None = None,
     ) -> None:
         self.settings = settings
+        self.file_storage = file_storage
+        self._upload_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
         self.verifier = TokenVerifier(token_secret)
         self._libraries: Libraries | None = None
         self.profiles = (
@@ -98,7 +106,9 @@ class VerdantCore:
         self.settings.libraries.databases_dir.mkdir(parents=True, exist_ok=True)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self._libraries = Libraries(self.settings.libraries, nursery, self.observer)
+                self._libraries.on_empty = self._library_empty
                 self.running.set()
                 task_status.started()
                 try:
@@ -108,6 +118,7 @@ class VerdantCore:
                     self._libraries.stop_all()
         finally:
             self._libraries = None
+            self._nursery = None
 
     # -- access -----------------------------------------------------------------------------
 
@@ -236,30 +247,39 @@ class VerdantCore:
             raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} has no data")
         return data
 
-    def file_info_row(self, core: LibraryCore, file_id: str) -> dict[str, Any] | None:
+    def file_info_row(
+        self, core: LibraryCore, file_id: str, base_url: str | None
+    ) -> dict[str, Any] | None:
         """The file info clients expect; without file storage the url is null, as in the
         reference."""
         row = core.shard.file(file_id)
         if row is None:
             return None
-        return {"id": row.file_id, "name": row.name, "type": row.type, "url": self.file_url(core.id, row.file_id, row.name)}
+        url = (
+            self.file_storage.url(core.id, row.file_id, row.name, base_url)
+            if self.file_storage is not None
+            else None
+        )
+        return {"id": row.file_id, "name": row.name, "type": row.type, "url": url}
 
-    def file_url(self, library_id: str, file_id: str, name: str) -> str | None:
-        return None
-
-    async def document(self, library_id: str, collection: str, document_id: str) -> Any:
+    async def document(
+        self, library_id: str, collection: str, document_id: str, base_url: str | None = None
+    ) -> Any:
         oid = document_oid(collection, document_id)
         async with self._existing(library_id) as host:
             snapshot = await host.call(
-                lambda core: core.hydrate(oid, lambda fid: self.file_info_row(core, fid))
+                lambda core: core.hydrate(oid, lambda fid: self.file_info_row(core, fid, base_url))
             )
         if snapshot is None:
             raise VerdantError(ErrorCode.NOT_FOUND, f"document {collection}/{document_id} not found")
         return snapshot
 
-    async def file_info(self, library_id: str, file_id: str) -> dict[str, Any]:
+    async def file_info(
+        self, library_id: str, file_id: str, base_url: str | None = None
+    ) -> dict[str, Any]:
+        check_id(file_id, "file id")
         async with self._existing(library_id) as host:
-            info = await host.call(lambda core: self.file_info_row(core, file_id))
+            info = await host.call(lambda core: self.file_info_row(core, file_id, base_url))
         if info is None:
             raise VerdantError(ErrorCode.NOT_FOUND, f"file {file_id!r} not found")
         info["libraryId"] = library_id
@@ -288,21 +308,93 @@ class VerdantCore:
                 return [(f.file_id, f.name) for f in core.shard.files()]
 
             files = await host.call(wipe)
-            await self.delete_files(host, files)
+            deleted = await self.delete_files(host, files)
+            if self.file_storage is not None and deleted == len(files):
+                await self.file_storage.delete_library(library_id)
             closed = host.disconnect_all(CLOSE_EVICTED, "library evicted; resync")
-        log.warning("library evicted library=%s clients_closed=%d", library_id, closed)
+        log.warning(
+            "library evicted library=%s clients_closed=%d files_deleted=%d",
+            library_id, closed, deleted,
+        )
 
-    async def delete_files(self, host: LibraryHost, files: list[tuple[str, str]]) -> None:
-        """Remove stored files and then their metadata (file storage hooks in here)."""
-        if not files:
-            return
-        ids = [file_id for file_id, _ in files]
+    async def delete_files(self, host: LibraryHost, files: list[tuple[str, str]]) -> int:
+        """Remove stored files, then the metadata of those that are gone.
 
-        def forget(core: LibraryCore) -> None:
-            for file_id in ids:
-                core.shard.delete_file(file_id)
+        A file that fails to delete keeps its metadata (still pending), so it is retried later;
+        a failure is logged and never takes the library down.
+        """
+        gone: list[str] = []
+        for file_id, name in files:
+            if self.file_storage is not None:
+                try:
+                    await self.file_storage.delete(host.id, file_id, name)
+                except Exception as exc:
+                    log.error(
+                        "failed to delete file; will retry library=%s file=%s error=%r",
+                        host.id, file_id, exc,
+                    )
+                    continue
+            gone.append(file_id)
+        if gone:
 
-        await host.call(forget)
+            def forget(core: LibraryCore) -> None:
+                for file_id in gone:
+                    core.shard.delete_file(file_id)
+
+            await host.call(forget)
+            log.info("files deleted library=%s count=%d", host.id, len(gone))
+        return len(gone)
+
+    def _library_empty(self, host: LibraryHost) -> None:
+        """The last user left: delete files whose refs disappeared long enough ago."""
+        if self._nursery is not None and self.file_storage is not None:
+            self._nursery.start_soon(self._collect_files, host.id)
+
+    async def _collect_files(self, library_id: str) -> None:
+        try:
+            async with self.libraries.use(library_id) as host:
+                expired = await host.call(
+                    lambda core: [(f.file_id, f.name) for f in core.shard.files_pending_delete()]
+                )
+                if expired:
+                    await self.delete_files(host, expired)
+        except Exception:
+            log.exception("file clean-up failed; will retry library=%s", library_id)
+
+    # -- file uploads -----------------------------------------------------------------------
+
+    async def upload(self, info: TokenInfo, file_id: str, upload: MultipartFile) -> StoredFile:
+        """Store an uploaded file, then its metadata; only then may the client be answered."""
+        if self.file_storage is None:
+            raise VerdantError(ErrorCode.NO_FILE_STORAGE, "file storage is not configured")
+        if not info.type.can_write:
+            raise VerdantError(ErrorCode.FORBIDDEN, "a read-only token may not upload files")
+        check_id(file_id, "file id")
+        name = safe_file_name(upload.name)
+        key = (info.library_id, file_id)
+        lock = self._upload_locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                size = await self.file_storage.put(info.library_id, file_id, name, upload.chunks())
+                async with self.libraries.use(info.library_id) as host:
+                    await host.call(lambda core: core.shard.put_file(file_id, name, upload.type))
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._upload_locks.pop(key, None)
+        self.observer.upload(size)
+        log.info(
+            "file stored library=%s user=%s file=%s size=%d type=%s",
+            info.library_id, info.user_id, file_id, size, upload.type,
+        )
+        return StoredFile(file_id, name, upload.type, size)
+
+    async def served_file_type(self, library_id: str, file_id: str) -> str | None:
+        """The stored content type of a file that still has metadata (None: not ours)."""
+        if not self._exists(library_id):
+            return None
+        async with self.libraries.use(library_id) as host:
+            row = await host.call(lambda core: core.shard.file(file_id))
+        return None if row is None else row.type
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -341,9 +433,13 @@ async def open_core(
     token_secret: str,
     profiles: ProfileSource | None = None,
     observer: Observer = NULL_OBSERVER,
+    file_storage: FileStorage | None = None,
 ) -> AsyncIterator[VerdantCore]:
     """Create and run a core for the duration of the block."""
-    core = VerdantCore(settings, token_secret=token_secret, profiles=profiles, observer=observer)
+    core = VerdantCore(
+        settings, token_secret=token_secret, profiles=profiles, observer=observer,
+        file_storage=file_storage,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(core.run)
         try:

@@ -19,6 +19,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .app import create_asgi_app
 from .config import ServerSettings
 from .core import open_core
+from .files import LocalFileStorage
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,16 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `shutdown` is set; reports the bound addresses once listening."""
+    file_storage = (
+        LocalFileStorage(settings.files_dir, settings.files_public_url)
+        if settings.files_dir is not None
+        else None
+    )
     async with open_core(
         settings.core,
         token_secret=settings.token_secret,
         profiles=settings.profiles,
+        file_storage=file_storage,
     ) as core:
         asgi = create_asgi_app(core, settings.app)
 

@@ -438,19 +438,16 @@ class LibraryCore:
                 continue
             snapshot = baseline.snapshot() if baseline is not None else None
             authz_key = baseline.authz if baseline is not None else folded[0].authz
-            for op in folded:
-                data = op.data()
-                try:
-                    snapshot = patches.apply_patch(snapshot, data, deleted_refs)
-                except patches.PatchError as exc:
-                    # Validated on the way in, so this is history written by someone else;
-                    # clients skip what they cannot apply, and so do we.
-                    log.error(
-                        "skipping unappliable operation during compaction library=%s oid=%s "
-                        "timestamp=%s error=%s",
-                        self.id, oid, op.timestamp, exc,
-                    )
-                    continue
+            datas = [op.data() for op in folded]
+            # One fold over the whole run keeps JavaScript-only state (array holes, properties
+            # on arrays) between operations exactly as a client's fold does.
+            snapshot = patches.apply_operations(
+                snapshot,
+                ({"data": data} for data in datas),
+                deleted_refs,
+                on_error=lambda error, oid=oid: self._unappliable(oid, error),
+            )
+            for op, data in zip(folded, datas):
                 if data.get("op") == "initialize":
                     authz_key = op.authz
             self.shard.put_baseline(oid, snapshot, folded[-1].timestamp, authz_key)
@@ -470,14 +467,20 @@ class LibraryCore:
         baseline = self.shard.baseline(oid)
         snapshot = baseline.snapshot() if baseline is not None else None
         floor = baseline.timestamp if baseline is not None else None
-        for op in self.shard.operations_for(oid):
-            if floor is not None and op.timestamp <= floor:
-                continue
-            try:
-                snapshot = patches.apply_patch(snapshot, op.data(), None)
-            except patches.PatchError:
-                continue
-        return snapshot
+        newer = (
+            {"data": op.data()}
+            for op in self.shard.operations_for(oid)
+            if floor is None or op.timestamp > floor
+        )
+        return patches.apply_operations(snapshot, newer, on_error=lambda error: None)
+
+    def _unappliable(self, oid: str, error: patches.PatchError) -> None:
+        # Validated on the way in, so this is history written by someone else; clients skip
+        # what they cannot apply, and so do we.
+        log.error(
+            "skipping unappliable operation during compaction library=%s oid=%s error=%s",
+            self.id, oid, error,
+        )
 
     def hydrate(
         self,

@@ -46,7 +46,7 @@ from typing import Any, Final, Literal, TypeAlias, cast
 
 __all__ = [
     "MAX_SPARSE_LENGTH",
-    "JSONValue",
+    "Snapshot",
     "PatchError",
     "PatchErrorKind",
     "apply_operations",
@@ -57,7 +57,9 @@ __all__ = [
     "is_ref",
 ]
 
-JSONValue: TypeAlias = "dict[str, JSONValue] | list[JSONValue] | str | int | float | bool | None"
+Snapshot: TypeAlias = Any
+"""A JSON value as parsed by ``json``/``orjson``; ``None`` means no object.  (``Any`` because
+a precise recursive JSON type is invariant and rejects e.g. ``list[int]``.)"""
 Ref: TypeAlias = dict[str, Any]
 
 PatchErrorKind: TypeAlias = Literal["malformed", "invalid", "unsupported"]
@@ -236,7 +238,10 @@ def _array_index(key: str) -> int | None:
 
 
 # StrWhiteSpaceChar: WhiteSpace and LineTerminator code points.
-_JS_WHITESPACE: Final = "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_JS_WHITESPACE: Final = (
+    "\t\n\v\f\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
+    "\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
 _DECIMAL_RE: Final = re.compile(r"[+-]?(?:Infinity|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)")
 _NON_DECIMAL_RE: Final = re.compile(r"0(?:[xX][0-9a-fA-F]+|[oO][0-7]+|[bB][01]+)")
 _RADIX: Final = {"x": 16, "o": 8, "b": 2}
@@ -794,7 +799,7 @@ _LIST_HANDLERS: Final[dict[str, _Handler]] = {
 # --------------------------------------------------------------------------- public API
 
 
-def apply_patch(base: JSONValue, patch: Mapping[str, Any], deleted_refs: list[Ref] | None = None) -> JSONValue:
+def apply_patch(base: Snapshot, patch: Mapping[str, Any], deleted_refs: list[Ref] | None = None) -> Snapshot:
     """Apply one patch; returns the new snapshot (``None``: deleted / not initialized).
 
     ``base`` is mutated in place and usually returned.  Refs removed by the patch are appended
@@ -809,16 +814,16 @@ def apply_patch(base: JSONValue, patch: Mapping[str, Any], deleted_refs: list[Re
         fold.apply(op, patch)
     finally:
         result = fold.finish()
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def apply_operations(
-    base: JSONValue,
+    base: Snapshot,
     operations: Iterable[Mapping[str, Any]],
     deleted_refs: list[Ref] | None = None,
     *,
     on_error: Callable[[PatchError], None] | None = None,
-) -> JSONValue:
+) -> Snapshot:
     """Fold ``{oid, timestamp, data, authz?}`` operations (already in order) onto ``base``.
 
     Returns ``None`` for a deleted or never-initialized object ("no baseline").  Ownership as
@@ -856,4 +861,4 @@ def apply_operations(
                     on_error(error)
     finally:
         result = fold.finish()
-    return result  # type: ignore[no-any-return]
+    return result
