@@ -8,7 +8,6 @@ reply without losing the broadcasts that arrived first.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -22,13 +21,33 @@ from .protocol import ReplicaType  # re-exported for tool authors
 
 __all__ = ["Closed", "ReplicaType", "VerdantClient", "connect", "timestamp"]
 
-_counter = itertools.count()
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_clock = {"time": 0, "counter": 0}
 
 
-def timestamp(version: int = 1) -> str:
-    """A Verdant-style timestamp (schema version, wall clock, counter) that sorts by time."""
-    version_block = format(version, "x").rjust(4, "0")[-4:]
-    return f"{version_block}{int(time.time() * 1000):013d}-{next(_counter):06d}"
+def _base36(value: int, width: int) -> str:
+    digits = ""
+    while value:
+        value, rem = divmod(value, 36)
+        digits = _BASE36[rem] + digits
+    return digits.rjust(width, "0")
+
+
+def timestamp(version: int = 1, node: str = "pytrio0") -> str:
+    """A Verdant hybrid-logical-clock timestamp (the client's own format, so real clients can
+    read it): schema version, wall-clock milliseconds and a counter in base 36, and a node id.
+    Successive calls always sort later."""
+    now = int(time.time() * 1000)
+    if now > _clock["time"]:
+        _clock["time"], _clock["counter"] = now, 0
+    else:
+        _clock["counter"] += 1
+    return (
+        _base36(version, 4)
+        + _base36(_clock["time"], 9)
+        + _base36(_clock["counter"], 4)
+        + node.rjust(7, "0")[:7]
+    )
 
 
 class Closed(Exception):
