@@ -59,6 +59,11 @@ class Closed(Exception):
         self.reason = reason
 
 
+def _closed(exc: ConnectionClosed) -> Closed:
+    reason = exc.reason
+    return Closed(reason.code if reason else None, reason.reason if reason else None)
+
+
 class VerdantClient:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
@@ -75,7 +80,7 @@ class VerdantClient:
         try:
             await self.ws.send_message(data)
         except ConnectionClosed as exc:
-            raise Closed(exc.reason.code, exc.reason.reason) from None
+            raise _closed(exc) from None
 
     async def receive(self, timeout_s: float = 10.0) -> dict[str, Any]:
         if self._pending:
@@ -87,7 +92,7 @@ class VerdantClient:
             try:
                 raw = await self.ws.get_message()
             except ConnectionClosed as exc:
-                raise Closed(exc.reason.code, exc.reason.reason) from None
+                raise _closed(exc) from None
         message = orjson.loads(raw)
         assert isinstance(message, dict)
         return message

@@ -25,7 +25,8 @@ from typing import Any, Final, Protocol
 import trio
 
 from .errors import ErrorCode
-from .libraries import LibraryGone, LibraryHost
+from .libraries import LibraryGone
+from .protocol import ClientMessage
 from .observe import NULL_OBSERVER, Observer
 from .protocol import (
     Heartbeat,
@@ -67,6 +68,16 @@ class Transport(Protocol):
     async def send(self, text: str) -> None: ...
 
     async def close(self, code: int, reason: str) -> None: ...
+
+
+class LibraryPort(Protocol):
+    """What a connection needs of its library (a `LibraryHost`, possibly wrapped)."""
+
+    async def attach(self, peer: Any) -> None: ...
+
+    def detach(self, peer: Any) -> None: ...
+
+    async def submit(self, peer: Any, message: ClientMessage) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +153,7 @@ class ReplicaConnection:
 
     # -- tasks ------------------------------------------------------------------------------
 
-    async def serve(self, host: LibraryHost) -> None:
+    async def serve(self, host: LibraryPort) -> None:
         """Run until the peer goes or the connection is closed; then close the socket."""
         try:
             await host.attach(self)
@@ -215,7 +226,7 @@ class ReplicaConnection:
                 continue
             await self._in_send.send(message)
 
-    async def _forwarder(self, host: LibraryHost) -> None:
+    async def _forwarder(self, host: LibraryPort) -> None:
         async for message in self._in_receive:
             try:
                 await host.submit(self, message)

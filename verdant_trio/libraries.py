@@ -92,6 +92,8 @@ class _Wake:
 
 
 Envelope = _Message | _Attach | _Http | _Call | _Wake
+Work = _Message | _Http | _Call
+"""Envelopes handled in a batch transaction."""
 _WAKE: Final = _Wake()
 
 
@@ -305,7 +307,7 @@ class LibraryHost:
         for envelope in batch:
             if isinstance(envelope, _Attach):
                 core.attach(envelope.peer)
-        work = [e for e in batch if isinstance(e, (_Message, _Http, _Call))]
+        work: list[Work] = [e for e in batch if isinstance(e, (_Message, _Http, _Call))]
         if not work:
             return
         for envelope in work:
@@ -348,7 +350,7 @@ class LibraryHost:
             self._global_ack_pending = True
 
     def _run_batch(
-        self, core: LibraryCore, work: list[Envelope]
+        self, core: LibraryCore, work: list[Work]
     ) -> tuple[Outcome, list[tuple[str, str, list[Peer]]], str | None]:
         """In a worker thread: the whole batch in one transaction, encoded after the commit."""
         outcome = Outcome()
@@ -388,7 +390,7 @@ class LibraryHost:
                       "message": "the server could not handle this message"}, [peer])
             )
 
-    def _abort_batch(self, work: list[Envelope], exc: BaseException) -> None:
+    def _abort_batch(self, work: list[Work], exc: BaseException) -> None:
         error = VerdantError(ErrorCode.UNEXPECTED, "the server could not store this batch")
         for envelope in work:
             if isinstance(envelope, (_Http, _Call)):

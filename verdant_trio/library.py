@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -445,7 +446,7 @@ class LibraryCore:
                 snapshot,
                 ({"data": data} for data in datas),
                 deleted_refs,
-                on_error=lambda error, oid=oid: self._unappliable(oid, error),
+                on_error=functools.partial(self._unappliable, oid),
             )
             for op, data in zip(folded, datas):
                 if data.get("op") == "initialize":
