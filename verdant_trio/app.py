@@ -151,7 +151,7 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
         register_dev_auth(app, settings)
 
     if isinstance(core.file_storage, LocalFileStorage):
-        register_file_serving(app, core, core.file_storage)
+        app.register_blueprint(file_serving_blueprint(core, core.file_storage))
 
     return app
 
@@ -260,7 +260,9 @@ def request_origin() -> str:
     return request.host_url.rstrip("/")
 
 
-def register_file_serving(app: Quart, core: VerdantCore, storage: LocalFileStorage) -> None:
+def file_serving_blueprint(
+    core: VerdantCore, storage: LocalFileStorage, name: str = "verdant_files"
+) -> Blueprint:
     """`GET /files/<library>/<file id>/<name>`: ranges, ETag/Last-Modified, streamed.
 
     Only files that still have metadata are served, with the type stored at upload. Types a
@@ -268,7 +270,9 @@ def register_file_serving(app: Quart, core: VerdantCore, storage: LocalFileStora
     configured otherwise, and nothing is sniffed.
     """
 
-    @app.route("/files/<library_name>/<file_name>/<name>", methods=["GET", "HEAD"])
+    bp = Blueprint(name, __name__)
+
+    @bp.route("/files/<library_name>/<file_name>/<name>", methods=["GET", "HEAD"])
     async def serve_file(library_name: str, file_name: str, name: str) -> Response:
         path = storage.locate(library_name, file_name, name)
         if path is None:
@@ -295,6 +299,8 @@ def register_file_serving(app: Quart, core: VerdantCore, storage: LocalFileStora
                 f"attachment; filename*=UTF-8''{quote(path.name, safe='')}"
             )
         return response
+
+    return bp
 
 
 def register_admin(app: Quart, core: VerdantCore, settings: AppSettings) -> None:

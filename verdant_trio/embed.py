@@ -21,8 +21,9 @@ from typing import Any
 from quart import Blueprint
 from quart_trio import QuartTrio
 
-from .app import sync_blueprint
+from .app import file_serving_blueprint, sync_blueprint
 from .core import CoreSettings, VerdantCore
+from .files import FileStorage, LocalFileStorage
 from .libraries import LibrarySettings
 from .observe import NULL_OBSERVER, Observer
 from .profiles import ProfileSource
@@ -35,7 +36,15 @@ class Verdant:
         self.core = core
 
     def blueprint(self, name: str = "verdant_sync") -> Blueprint:
+        """The sync endpoint: HTTP push/pull, websocket, file upload and file info."""
         return sync_blueprint(self.core, name)
+
+    def files_blueprint(self, name: str = "verdant_files") -> Blueprint:
+        """Serves `GET /files/<library>/<file id>/<name>` from a `LocalFileStorage`; register
+        it at the root of the URL the storage's `host` points at."""
+        if not isinstance(self.core.file_storage, LocalFileStorage):
+            raise TypeError("files_blueprint serves a LocalFileStorage; other storages serve themselves")
+        return file_serving_blueprint(self.core, self.core.file_storage, name)
 
     def init_app(self, app: QuartTrio) -> None:
         """Run the core in the app's nursery while it serves; stop it when the app stops."""
@@ -66,14 +75,16 @@ def create_verdant(
     storage: str | Path | LibrarySettings,
     token_secret: str,
     profiles: ProfileSource | None = None,
+    file_storage: FileStorage | None = None,
     observer: Observer = NULL_OBSERVER,
     log: logging.Logger | None = None,
     settings: CoreSettings | None = None,
 ) -> Verdant:
     """Create a Verdant core. `storage` is the databases directory (or full library settings).
 
-    `profiles` is any object with `async get(user_id)`; `log` takes over the `verdant_trio`
-    logger hierarchy if given.
+    `profiles` is any object with `async get(user_id)`; `file_storage` enables file sync
+    (e.g. `LocalFileStorage("verdant-files", host="https://my.app")`); `log` takes over the
+    `verdant_trio` logger hierarchy if given.
     """
     libraries = storage if isinstance(storage, LibrarySettings) else LibrarySettings(
         databases_dir=Path(storage)
@@ -83,5 +94,11 @@ def create_verdant(
         logging.getLogger("verdant_trio").handlers = log.handlers
         logging.getLogger("verdant_trio").setLevel(log.level)
     return Verdant(
-        VerdantCore(core_settings, token_secret=token_secret, profiles=profiles, observer=observer)
+        VerdantCore(
+            core_settings,
+            token_secret=token_secret,
+            profiles=profiles,
+            observer=observer,
+            file_storage=file_storage,
+        )
     )
