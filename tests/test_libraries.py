@@ -125,7 +125,25 @@ async def test_global_ack_broadcasts_are_coalesced(tmp_path: Path) -> None:
         await trio.sleep(0.5)
         acks = [m for m in peers[1].inbox if m["type"] == "global-ack"]
         assert 1 <= len(acks) <= 10
-        assert len([m for m in peers[1].inbox if m["type"] == "op-re"]) == 50
+        rebroadcasts = [m for m in peers[1].inbox if m["type"] == "op-re"]
+        delivered = [op["oid"] for m in rebroadcasts for op in m["operations"]]
+        assert delivered == [f"items/{n}" for n in range(50)]
+        assert len(rebroadcasts) < 50  # operations queued together travel together
+
+
+async def test_a_senders_operations_in_one_batch_share_one_rebroadcast(tmp_path: Path) -> None:
+    async with libraries(tmp_path) as registry, registry.use("lib") as host:
+        writer, listener, other = Peer(1, "alice"), Peer(2, "bob"), Peer(3, "carol")
+        for p in (writer, listener, other):
+            await host.attach(p)
+        batch = [op_message("ra", f"items/{n}", n) for n in range(5)]
+        await host.request(writer, batch)  # one envelope: certainly one batch
+        await settle(listener, "op-re")
+        (rebroadcast,) = [m for m in listener.inbox if m["type"] == "op-re"]
+        assert [op["oid"] for op in rebroadcast["operations"]] == [f"items/{n}" for n in range(5)]
+        assert [m for m in other.inbox if m["type"] == "op-re"] == [rebroadcast]
+        assert writer.kinds().count("server-ack") == 5
+        assert "op-re" not in writer.kinds()
 
 
 async def test_idle_library_closes_and_reopens(tmp_path: Path) -> None:

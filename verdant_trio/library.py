@@ -55,11 +55,16 @@ class Peer(Protocol):
 
 @dataclass(slots=True)
 class Send:
-    """A message for some peers. `restricted`: it carries authz-restricted items to filter."""
+    """A message for some peers. `restricted`: it carries authz-restricted items to filter.
+
+    `merge_key` marks an `op-re` that later operations of the same sender, in the same batch and
+    for the same peers, may join: one frame per peer per batch instead of one per message.
+    """
 
     message: dict[str, Any]
     targets: list[Peer]
     restricted: bool = False
+    merge_key: tuple[int, str, frozenset[int]] | None = None
 
 
 @dataclass(slots=True)
@@ -227,17 +232,40 @@ class LibraryCore:
         )
         out.acks_moved = True
         self._reply(out, peer, {"type": "server-ack", "timestamp": message.timestamp})
+        self._rebroadcast_operations(out, peer, message.replica_id, message.operations)
+
+    def _rebroadcast_operations(
+        self, out: Outcome, sender: Peer, replica_id: str, operations: list[dict[str, Any]]
+    ) -> None:
+        """`op-re` to every other peer; joins the sender's previous `op-re` of this batch.
+
+        Joining keeps each recipient's order of that sender's operations, and a client applies
+        an `op-re` with many operations exactly like several with one each.
+        """
+        targets = [p for p in self.peers.values() if p is not sender]
+        if not targets:
+            return
+        ack = self.global_ack()
+        restricted = authz.any_restricted(operations)
+        key = (sender.key, replica_id, frozenset(p.key for p in targets))
+        for previous in reversed(out.sends):
+            if previous.merge_key == key:
+                merged = previous.message
+                merged["operations"] = [*merged["operations"], *operations]
+                if ack is not None:
+                    merged["globalAckTimestamp"] = ack
+                previous.restricted = previous.restricted or restricted
+                return
+            if previous.merge_key is not None and previous.merge_key[0] == sender.key:
+                break  # the sender's broadcasts to another set of peers: keep order simple
         rebroadcast: dict[str, Any] = {
             "type": "op-re",
-            "operations": message.operations,
-            "replicaId": message.replica_id,
+            "operations": operations,
+            "replicaId": replica_id,
         }
-        ack = self.global_ack()
         if ack is not None:
             rebroadcast["globalAckTimestamp"] = ack
-        self._broadcast(
-            out, rebroadcast, exclude=peer, restricted=authz.any_restricted(message.operations)
-        )
+        out.sends.append(Send(rebroadcast, targets, restricted, key))
 
     def _handle_ack(self, message: Ack, out: Outcome) -> None:
         if message.nonce:
