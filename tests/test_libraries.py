@@ -75,14 +75,14 @@ async def test_nobody_hears_of_an_operation_whose_commit_failed(tmp_path: Path) 
         assert host.core is not None
         conn = host.core.shard.conn
         conn.set_commit_hook(lambda: True)  # every COMMIT turns into a ROLLBACK
-        await host.submit(writer, op_message("ra", "items/1", 1), wait=True)
+        await host.submit(writer, [op_message("ra", "items/1", 1)], wait=True)
         assert "server-ack" not in writer.kinds()
         assert "op-re" not in listener.kinds()
         assert writer.closed_with is not None and writer.closed_with[0] == 1011
         conn.set_commit_hook(None)
         assert await host.call(lambda core: core.shard.operation_count()) == 0
         # the client reconnects and sends it again: now it is stored, acked and rebroadcast
-        await host.submit(writer, op_message("ra", "items/1", 1), wait=True)
+        await host.submit(writer, [op_message("ra", "items/1", 1)], wait=True)
         assert "server-ack" in writer.kinds()
         assert (await settle(listener, "op-re"))["operations"][0]["oid"] == "items/1"
         assert await host.call(lambda core: core.shard.operation_count()) == 1
@@ -108,7 +108,7 @@ async def test_acks_are_sent_only_after_the_commit(tmp_path: Path) -> None:
         writer = Checking(1, "alice")
         await host.attach(writer)
         for n in range(5):
-            await host.submit(writer, op_message("ra", f"items/{n}", n), wait=True)
+            await host.submit(writer, [op_message("ra", f"items/{n}", n)], wait=True)
     assert seen == [1, 2, 3, 4, 5]
 
 
@@ -117,11 +117,11 @@ async def test_global_ack_broadcasts_are_coalesced(tmp_path: Path) -> None:
         peers = [Peer(i, f"user{i}") for i in range(1, 4)]
         for p in peers:
             await host.attach(p)
-            await host.submit(p, message("sync", replicaId=f"r{p.key}", timestamp="0001", operations=[], baselines=[], since=None), wait=True)
+            await host.submit(p, [message("sync", replicaId=f"r{p.key}", timestamp="0001", operations=[], baselines=[], since=None)], wait=True)
         for n in range(50):
-            await host.submit(peers[0], op_message("r1", f"items/{n}", n + 10))
+            await host.submit(peers[0], [op_message("r1", f"items/{n}", n + 10)])
             for p in peers[1:]:
-                await host.submit(p, message("ack", replicaId=f"r{p.key}", timestamp=f"0001{1700000000000 + n + 10:013d}-000000"))
+                await host.submit(p, [message("ack", replicaId=f"r{p.key}", timestamp=f"0001{1700000000000 + n + 10:013d}-000000")])
         await trio.sleep(0.5)
         acks = [m for m in peers[1].inbox if m["type"] == "global-ack"]
         assert 1 <= len(acks) <= 10

@@ -26,10 +26,13 @@ import trio
 
 from .errors import ErrorCode
 from .libraries import LibraryGone
+from .library import decode_nonce
 from .protocol import ClientMessage
 from .observe import NULL_OBSERVER, Observer
 from .protocol import (
+    Ack,
     Heartbeat,
+    Sync,
     ProtocolError,
     ReplicaType,
     encode,
@@ -77,7 +80,48 @@ class LibraryPort(Protocol):
 
     def detach(self, peer: Any) -> None: ...
 
-    async def submit(self, peer: Any, message: ClientMessage) -> None: ...
+    async def submit(self, peer: Any, messages: list[ClientMessage]) -> None: ...
+
+
+def split_for_library(messages: list[ClientMessage]) -> list[list[ClientMessage]]:
+    """Group read-ahead messages for the library: merge waiting acks, keep syncs alone.
+
+    Order is kept except that an ack moves to the end of the run it was merged into, which
+    is harmless: acknowledgements are monotonic and nothing in the run depends on them.
+    """
+    groups: list[list[ClientMessage]] = []
+    run: list[ClientMessage] = []
+    acks: dict[str, Ack] = {}
+
+    def close_run() -> None:
+        if acks:
+            run.extend(acks.values())
+            acks.clear()
+        if run:
+            groups.append(run.copy())
+            run.clear()
+
+    for message in messages:
+        if isinstance(message, Sync):
+            close_run()
+            groups.append([message])
+        elif isinstance(message, Ack):
+            acks[message.replica_id] = merge_acks(acks.get(message.replica_id), message)
+        else:
+            run.append(message)
+    close_run()
+    return groups
+
+
+def merge_acks(earlier: Ack | None, later: Ack) -> Ack:
+    if earlier is None:
+        return later
+    timestamp = max(filter(None, (earlier.timestamp, later.timestamp)), default=None)
+    nonce = later.nonce or earlier.nonce
+    if earlier.nonce and later.nonce:
+        orders = [decode_nonce(n) for n in (earlier.nonce, later.nonce)]
+        nonce = later.nonce if (orders[1] or 0) >= (orders[0] or 0) else earlier.nonce
+    return Ack(replica_id=later.replica_id, timestamp=timestamp, nonce=nonce)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +271,26 @@ class ReplicaConnection:
             await self._in_send.send(message)
 
     async def _forwarder(self, host: LibraryPort) -> None:
-        async for message in self._in_receive:
+        """Hand everything read so far to the library in one envelope.
+
+        Acknowledgements waiting together are merged (a replica's acknowledged time and server
+        order only move forward, so the newest of each says all), and a `sync` travels alone so
+        the server-wide limit on concurrent initial syncs can wait for it to finish.
+        """
+        receive = self._in_receive
+        while True:
             try:
-                await host.submit(self, message)
+                pending = [await receive.receive()]
+            except trio.EndOfChannel:
+                return
+            while len(pending) < self._settings.inbound_queue:
+                try:
+                    pending.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            try:
+                for group in split_for_library(pending):
+                    await host.submit(self, group)
             except LibraryGone:
                 self.close_soon(CLOSE_TRY_AGAIN_LATER, "library is restarting")
                 return

@@ -418,12 +418,12 @@ class _LimitedHost:
     def detach(self, peer: Any) -> None:
         self._host.detach(peer)
 
-    async def submit(self, peer: Any, message: ClientMessage) -> None:
-        if isinstance(message, Sync):
+    async def submit(self, peer: Any, messages: list[ClientMessage]) -> None:
+        if any(isinstance(m, Sync) for m in messages):
             async with self._limiter:
-                await self._host.submit(peer, message, wait=True)
+                await self._host.submit(peer, messages, wait=True)
         else:
-            await self._host.submit(peer, message)
+            await self._host.submit(peer, messages)
 
 
 @contextlib.asynccontextmanager

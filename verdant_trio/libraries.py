@@ -31,7 +31,7 @@ import trio
 from .errors import ErrorCode, VerdantError
 from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
 from .observe import NULL_OBSERVER, Observer
-from .protocol import ClientMessage, Heartbeat, Sync, encode
+from .protocol import ClientMessage, Heartbeat, Op, Sync, encode
 from . import authz
 from .storage.names import encode_id
 from .storage.shard import Shard
@@ -48,6 +48,7 @@ class LibrarySettings:
     idle_close_s: float = 60.0 * 60
     inbox_size: int = 256
     max_batch: int = 256
+    batch_window_s: float = 0.02
     global_ack_interval_s: float = 0.05
     rebase_interval_s: float = 1.0
     http_presence_ttl_s: float = 60.0
@@ -60,8 +61,10 @@ class LibrarySettings:
 
 @dataclass(slots=True)
 class _Message:
+    """Messages from one realtime peer, in order (a connection forwards all it has at once)."""
+
     peer: Peer
-    message: ClientMessage
+    messages: list[ClientMessage]
     done: trio.Event | None = None
 
 
@@ -95,6 +98,12 @@ Envelope = _Message | _Attach | _Http | _Call | _Wake
 Work = _Message | _Http | _Call
 """Envelopes handled in a batch transaction."""
 _WAKE: Final = _Wake()
+
+
+def _carries_operations(envelope: Envelope) -> bool:
+    if isinstance(envelope, (_Message, _Http)):
+        return any(isinstance(m, Op) for m in envelope.messages)
+    return False
 
 
 class LibraryGone(Exception):
@@ -152,6 +161,7 @@ class LibraryHost:
         self._last_global_ack_at = -math.inf
         self._rebase_due = False
         self._last_rebase_at = -math.inf
+        self._last_ops_at = -math.inf
         self._last_activity = time.monotonic()
         self.on_empty: Callable[[LibraryHost], None] | None = None
 
@@ -166,9 +176,16 @@ class LibraryHost:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(_WAKE)
 
-    async def submit(self, peer: Peer, message: ClientMessage, *, wait: bool = False) -> None:
-        """Queue a message; with `wait`, return only once it was handled (or failed)."""
-        envelope = _Message(peer, message, trio.Event() if wait else None)
+    async def submit(
+        self, peer: Peer, messages: list[ClientMessage], *, wait: bool = False
+    ) -> None:
+        """Queue messages; with `wait`, return only once they were handled (or failed).
+
+        A connection hands over everything it has read in one envelope: the library's batch
+        then holds a writer's whole window of operations rather than one operation per
+        connection in turn, so they are stored, acknowledged and broadcast together.
+        """
+        envelope = _Message(peer, messages, trio.Event() if wait else None)
         await self._put(envelope)
         if envelope.done is not None:
             await envelope.done.wait()
@@ -260,11 +277,7 @@ class LibraryHost:
             batch: list[Envelope] = []
             with trio.move_on_after(timeout):
                 batch.append(await self._receive.receive())
-            while len(batch) < self.settings.max_batch:
-                try:
-                    batch.append(self._receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            await self._gather(batch)
             if batch:
                 self._last_activity = time.monotonic()
                 await self._process(batch)
@@ -272,6 +285,33 @@ class LibraryHost:
             await self._timers()
             if self._should_close():
                 return
+
+    async def _gather(self, batch: list[Envelope]) -> None:
+        """Take what is waiting; if operations are in it and the library is busy, linger.
+
+        Every batch with operations costs a frame to every peer (its `op-re`) and a frame back
+        from each (its acknowledgement), whatever the number of operations in it, and a frame
+        costs far more than an operation. So while operations keep coming, a library broadcasts
+        at most once per `batch_window_s` and the window's operations travel together. A quiet
+        library (no operations for a window) handles each message at once: no added latency
+        when there is no load, and other messages (acks, presence) never wait.
+        """
+        limit = self.settings.max_batch
+        deadline = self._last_ops_at + self.settings.batch_window_s
+        lingering = False
+        while batch and len(batch) < limit:
+            try:
+                batch.append(self._receive.receive_nowait())
+                continue
+            except trio.WouldBlock:
+                pass
+            lingering = lingering or any(_carries_operations(e) for e in batch)
+            if not lingering or trio.current_time() >= deadline:
+                break
+            with trio.move_on_at(deadline):
+                batch.append(await self._receive.receive())
+        if lingering or any(_carries_operations(e) for e in batch):
+            self._last_ops_at = trio.current_time()
 
     def _next_timer_in(self) -> float:
         now = time.monotonic()
@@ -356,9 +396,7 @@ class LibraryHost:
         outcome = Outcome()
         with core.shard.transaction():
             for envelope in work:
-                if isinstance(envelope, _Message):
-                    self._handle_one(core, envelope.peer, envelope.message, outcome)
-                elif isinstance(envelope, _Http):
+                if isinstance(envelope, (_Message, _Http)):
                     for message in envelope.messages:
                         self._handle_one(core, envelope.peer, message, outcome)
                 elif isinstance(envelope, _Call):
