@@ -175,6 +175,8 @@ class VerdantCore:
                     observer=self.observer,
                 )
                 self.connections.add(connection)
+                if self.shutting_down:  # the handshake finished after the close-all sweep
+                    connection.close_soon(CLOSE_GOING_AWAY, "server shutting down")
                 self.observer.connection_opened("websocket", int(info.type))
                 try:
                     await connection.serve(_LimitedHost(host, self.sync_limiter))
@@ -216,12 +218,16 @@ class VerdantCore:
                 peer.deliver('{"type":"heartbeat-response"}')
             return peer.body()
         has_sync = any(isinstance(m, Sync) for m in messages)
-        async with self.libraries.use(info.library_id) as host:
-            if has_sync:
-                async with self.sync_limiter:
+        self.observer.connection_opened("http", int(info.type))
+        try:
+            async with self.libraries.use(info.library_id) as host:
+                if has_sync:
+                    async with self.sync_limiter:
+                        await host.request(peer, messages)
+                else:
                     await host.request(peer, messages)
-            else:
-                await host.request(peer, messages)
+        finally:
+            self.observer.connection_closed("http", int(info.type))
         return peer.body()
 
     # -- admin ------------------------------------------------------------------------------

@@ -1,32 +1,54 @@
-"""The server process: the nursery tree that owns the core and the HTTP server, and its shutdown.
+"""The server process: the nursery tree that owns the core and the HTTP server, and its signals.
 
-Nursery tree: `serve` → core (library tasks) → hypercorn (listeners → connections). Shutdown
-order is designed: stop accepting and tell websockets "going away" (1001), let hypercorn give
-handlers `graceful_timeout_s` to finish, then cancel the library tasks, each of which finishes
-the batch in hand (a worker thread is never abandoned) and checkpoints and closes its shard.
+Nursery tree: `run_daemon` (signals, watchdog) → `Server.serve` → core (library tasks) →
+hypercorn (listeners → connections). Readiness is `task_status.started(binds)` once the sockets
+listen; only then is systemd told `READY=1`.
+
+Shutdown (SIGTERM or SIGINT) is ordered: systemd hears `STOPPING=1`; new websockets are refused
+and open ones closed with 1001 "going away"; hypercorn stops accepting and gives requests in
+flight `shutdown_timeout_s`; then the library tasks are cancelled, and each finishes the batch in
+hand (its worker thread is never abandoned), checkpoints its WAL and closes its shard. A second
+signal, or `shutdown_timeout_s` + `SHUTDOWN_EXTRA_S` without an end, cancels the requests at once;
+the shards still close cleanly, because that part is shielded.
+
+SIGHUP re-reads the config file and applies what is safe to change under load ([logging] and
+[profiles]); connections are untouched. A broken file is logged and the old settings stay.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from functools import partial
+from typing import Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from . import logs
 from .app import create_asgi_app
-from .config import ServerSettings
-from .core import open_core
+from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerSettings
+from .core import VerdantCore, open_core
 from .files import LocalFileStorage
+from .health import Health, register_health
+from .metrics import PrometheusObserver, RequestHooks
+from .notify import SystemdNotifier
+from .observe import NULL_OBSERVER
+from .profiles import CachedProfiles, DefaultProfiles, HttpProfiles, ProfileSource, load_callable
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_EXTRA_S: Final = 5.0
+"""Past the requests' grace period, how long closing the libraries may take before we cancel."""
+_RELOADABLE: Final = frozenset((k.section, k.name) for k in SCHEMA if k.reloadable)
 
 
 def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
     config.websocket_max_message_size = settings.max_message_bytes
     config.graceful_timeout = settings.graceful_timeout_s
     config.keep_alive_timeout = 75
@@ -36,43 +58,234 @@ def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     return config
 
 
+def profile_source(settings: ProfilesSettings) -> ProfileSource:
+    if settings.url:
+        return HttpProfiles(settings.url, headers=settings.headers, timeout_s=settings.timeout_s)
+    if settings.callable:
+        return load_callable(settings.callable)
+    return DefaultProfiles()
+
+
+def cached_profiles(settings: ServerSettings) -> CachedProfiles:
+    """Code-given profiles (tests, embedding) win over the `[profiles]` section."""
+    ps = settings.profile_settings
+    return CachedProfiles(
+        settings.profiles or profile_source(ps),
+        ttl_s=ps.cache_ttl_s,
+        timeout_s=ps.timeout_s,
+        max_entries=ps.cache_max_entries,
+    )
+
+
+async def _close_source(source: ProfileSource, delay_s: float = 0.0) -> None:
+    """Close a replaced HTTP source once lookups that already hold it have timed out."""
+    if isinstance(source, HttpProfiles):
+        if delay_s > 0:
+            await trio.sleep(delay_s)
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+
+
+class Server:
+    """One server: a core and its HTTP listeners, plus what reloads and health checks need."""
+
+    def __init__(
+        self, settings: ServerSettings, *, observer: PrometheusObserver | None = None
+    ) -> None:
+        self.settings = settings
+        self.observer = observer or (PrometheusObserver() if settings.metrics else None)
+        self.hooks = RequestHooks(self.observer, access_log=settings.logging.access_log)
+        self.profiles = cached_profiles(settings)
+        self.core: VerdantCore | None = None
+        self.health: Health | None = None
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(
+        self,
+        *,
+        shutdown: trio.Event,
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown` is set; reports the bound addresses once listening."""
+        settings = self.settings
+        file_storage = None
+        storage_dirs = [settings.core.libraries.databases_dir]
+        if settings.files_dir is not None:
+            file_storage = LocalFileStorage(settings.files_dir, settings.files_public_url)
+            storage_dirs.append(file_storage.root)
+        for directory in storage_dirs:
+            await trio.to_thread.run_sync(partial(directory.mkdir, parents=True, exist_ok=True))
+        try:
+            async with open_core(
+                settings.core,
+                token_secret=settings.token_secret,
+                profiles=self.profiles,
+                observer=self.observer or NULL_OBSERVER,
+                file_storage=file_storage,
+            ) as core:
+                self.core = core
+                asgi = create_asgi_app(core, settings.app)
+                self.health = register_health(
+                    asgi.quart, core, health=Health(core, storage_dirs), metrics=self.observer
+                )
+                self.hooks.install(asgi.quart)
+
+                async def shutdown_trigger() -> None:
+                    await shutdown.wait()
+                    log.info("shutting down: closing connections")
+                    core.begin_shutdown()
+
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    binds = await nursery.start(
+                        partial(
+                            hypercorn_serve,
+                            asgi,  # type: ignore[arg-type]
+                            hypercorn_config(settings),
+                            shutdown_trigger=shutdown_trigger,
+                        )
+                    )
+                    self.health.listening = True
+                    log.info("listening on %s", " ".join(binds))
+                    task_status.started(binds)
+                self.health.listening = False
+        finally:
+            self._nursery = None
+            await _close_source(self.profiles.source)
+        log.info("stopped: every library closed")
+
+    def reload(self, new: LoadedConfig, old: LoadedConfig) -> list[tuple[str, str]]:
+        """Apply the reloadable part of `new`; returns the changed keys that need a restart."""
+        changed = new.changed_keys(old)
+        settings = new.settings
+        logs.configure(settings.logging, secrets=settings.secrets)
+        self.hooks.access_log = settings.logging.access_log
+        if self.settings.profiles is None and any(key[0] == "profiles" for key in changed):
+            ps = settings.profile_settings
+            previous = self.profiles.reconfigure(
+                profile_source(ps),
+                ttl_s=ps.cache_ttl_s,
+                timeout_s=ps.timeout_s,
+                max_entries=ps.cache_max_entries,
+            )
+            if self._nursery is not None:
+                self._nursery.start_soon(
+                    _close_source, previous, old.settings.profile_settings.timeout_s
+                )
+        # everything else keeps running with the settings it started with
+        return [key for key in changed if key not in _RELOADABLE]
+
+
+async def run_daemon(
+    settings: ServerSettings,
+    *,
+    reload: Callable[[], LoadedConfig] | None = None,
+    loaded: LoadedConfig | None = None,
+    notifier: SystemdNotifier | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a `Server` until SIGTERM/SIGINT, telling systemd; SIGHUP calls `reload()`."""
+    notifier = notifier or SystemdNotifier.from_environment()
+    server = Server(settings)
+    shutdown = trio.Event()
+    force = trio.CancelScope()
+    current = loaded
+
+    async def force_after(delay_s: float) -> None:
+        await trio.sleep(delay_s)
+        log.error(
+            "shutdown is taking too long: cancelling requests in flight timeout_s=%.1f", delay_s
+        )
+        force.cancel()
+
+    async def handle_signals(
+        nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        nonlocal current
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()  # from here on a signal during start-up is ours to handle
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if shutdown.is_set():
+                        continue
+                    current = await _reload(server, reload, current, notifier)
+                elif not shutdown.is_set():
+                    log.info("received %s: shutting down", name)
+                    shutdown.set()
+                    await notifier.stopping("shutting down")
+                    nursery.start_soon(
+                        force_after, server.settings.graceful_timeout_s + SHUTDOWN_EXTRA_S
+                    )
+                else:
+                    log.warning("received %s again: cancelling requests in flight", name)
+                    force.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handle_signals, nursery)
+
+            async def serve_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                try:
+                    with force:
+                        await server.serve(shutdown=shutdown, task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()  # the signal watcher and the watchdog
+
+            binds = await nursery.start(serve_then_stop)
+            task_status.started(binds)
+            if not shutdown.is_set():  # a signal during start-up: systemd heard STOPPING=1
+                await notifier.ready(f"listening on {' '.join(binds)}")
+                assert server.health is not None
+                nursery.start_soon(notifier.run_watchdog, server.health.healthy)
+    finally:
+        notifier.close()
+
+
+async def _reload(
+    server: Server,
+    reload: Callable[[], LoadedConfig] | None,
+    current: LoadedConfig | None,
+    notifier: SystemdNotifier,
+) -> LoadedConfig | None:
+    if reload is None or current is None:
+        log.info("received SIGHUP: nothing to reload (no configuration file)")
+        return current
+    await notifier.reloading()
+    try:
+        new = await trio.to_thread.run_sync(reload)  # file I/O and imports stay off the loop
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error(
+                "reload failed; keeping the running settings file=%s problem=%s",
+                exc.source, problem,
+            )
+        await notifier.ready("reload failed; running with the previous settings")
+        return current
+    restart = server.reload(new, current)
+    log.info(
+        "configuration reloaded file=%s level=%s format=%s",
+        new.settings.config_path, new.settings.logging.level, new.settings.logging.format,
+    )
+    if restart:
+        log.warning(
+            "changed settings take effect after a restart keys=%s",
+            ",".join(f"[{section}]{name}" for section, name in restart),
+        )
+    await notifier.ready("listening; configuration reloaded")
+    # a reload that left some changes pending reports the new file as current, so the warning
+    # is not repeated for the same changes at the next SIGHUP
+    return new
+
+
 async def serve(
     settings: ServerSettings,
     *,
     shutdown: trio.Event,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until `shutdown` is set; reports the bound addresses once listening."""
-    file_storage = (
-        LocalFileStorage(settings.files_dir, settings.files_public_url)
-        if settings.files_dir is not None
-        else None
-    )
-    async with open_core(
-        settings.core,
-        token_secret=settings.token_secret,
-        profiles=settings.profiles,
-        file_storage=file_storage,
-    ) as core:
-        asgi = create_asgi_app(core, settings.app)
-
-        async def shutdown_trigger() -> None:
-            await shutdown.wait()
-            log.info("shutting down: closing connections")
-            core.begin_shutdown()
-
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(
-                partial(
-                    hypercorn_serve,
-                    asgi,  # type: ignore[arg-type]
-                    hypercorn_config(settings),
-                    shutdown_trigger=shutdown_trigger,
-                )
-            )
-            log.info("listening on %s", " ".join(binds))
-            task_status.started(binds)
-    log.info("stopped: every library closed")
+    """Serve until `shutdown` is set (tests and tools that bring their own trigger)."""
+    await Server(settings).serve(shutdown=shutdown, task_status=task_status)
 
 
 async def run_until_signalled(
@@ -80,19 +293,5 @@ async def run_until_signalled(
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """`serve` with SIGINT/SIGTERM as the shutdown trigger."""
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def watch_signals() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s", signal.Signals(signum).name)
-                    shutdown.set()
-                    return
-
-        nursery.start_soon(watch_signals)
-        binds = await nursery.start(partial(serve, settings, shutdown=shutdown))
-        task_status.started(binds)
-        await shutdown.wait()
-        # `serve` returns once everything is closed; the signal watcher already returned.
+    """`serve` with SIGINT/SIGTERM as the shutdown trigger (the quickstart server)."""
+    await run_daemon(settings, task_status=task_status)

@@ -35,7 +35,8 @@ REDACTED: Final = "[redacted]"
 _JWT: Final = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]+")
 # a %-conversion, optionally preceded by `key=`; `%%` is a literal percent sign
 _SPEC: Final = re.compile(
-    r"(?:(?<![^\s(,;])([A-Za-z_][A-Za-z0-9_.]*)=)?%(?:\(\w+\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]"
+    r"(?:(?<![^\s(,;])([A-Za-z_][A-Za-z0-9_.]*)=)?"  # `key=`, at the start or after a space
+    r"%(?:\(\w+\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa%]"
 )
 _LOGFMT_BARE: Final = re.compile(r"^[^\s=\"\\]+$")
 _SYSLOG_PRIORITY: Final = {
@@ -99,7 +100,7 @@ def split_record(record: logging.LogRecord) -> tuple[str, list[tuple[str, str]]]
     template = record.msg if isinstance(record.msg, str) else None
     args = record.args
     parsed = _parse_template(template) if template is not None else None
-    if parsed is not None and isinstance(args, tuple) and len(args) == len(parsed.specs):
+    if parsed is not None and isinstance(args, tuple) and args and len(args) == len(parsed.specs):
         try:
             texts: list[str] = []
             for (key, conversion), arg in zip(parsed.specs, args, strict=True):
@@ -114,9 +115,10 @@ def split_record(record: logging.LogRecord) -> tuple[str, list[tuple[str, str]]]
             return " ".join(message.split()), fields
         except (TypeError, ValueError):
             fields = []
-    elif parsed is not None and not args and not parsed.specs:
-        return " ".join(parsed.text_parts[0].split()), fields
-    return record.getMessage(), fields
+    try:
+        return record.getMessage(), fields
+    except (TypeError, ValueError):  # a broken log call must not lose the event
+        return f"{record.msg} (bad log arguments: {record.args!r})", fields
 
 
 def _logfmt_value(value: str) -> str:
@@ -200,7 +202,9 @@ class StructuredFormatter(logging.Formatter):
 _handler: logging.Handler | None = None
 
 
-def configure(settings: LogSettings, *, secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
+def configure(
+    settings: LogSettings, *, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
     """Install (or reconfigure, on SIGHUP) the one stderr handler on the root logger."""
     global _handler
     root = logging.getLogger()

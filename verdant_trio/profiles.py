@@ -3,15 +3,24 @@
 The reference caches each profile forever. Here a source is anything with `async get(user_id)`,
 wrapped in a TTL cache that falls back to `{"id": user_id}` when the source fails or is slow:
 presence must never block a sync, and a profile service outage must not break connections.
+
+Sources the daemon can be configured with:
+- `HttpProfiles`: `GET https://app.internal/profiles/{user_id}` on your app, JSON object back;
+- `CallableProfiles`: a Python function named `module:function` (sync or async), or an object
+  with `async get(user_id)` named the same way.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
-import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import quote
 
+import httpx
 import trio
 
 log = logging.getLogger(__name__)
@@ -21,6 +30,10 @@ class ProfileSource(Protocol):
     async def get(self, user_id: str) -> Any: ...
 
 
+class ProfileLookupError(Exception):
+    """The source answered, but not with a profile (the cache falls back to `{"id": ...}`)."""
+
+
 class DefaultProfiles:
     """The quickstart's profiles: just the user id."""
 
@@ -28,7 +41,98 @@ class DefaultProfiles:
         return {"id": user_id}
 
 
+class HttpProfiles:
+    """Profiles from an HTTP endpoint of the app: `url` with `{user_id}` (URL-quoted) filled in.
+
+    Expects `200` with a JSON object; anything else is a failed lookup. Connections are pooled
+    and kept alive; close with `aclose()`. `headers` (e.g. an internal bearer token) are sent
+    with every request and never logged.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float = 2.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        if "{user_id}" not in url:
+            raise ValueError("the profile URL needs a {user_id} placeholder")
+        self.url = url
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            headers={"Accept": "application/json", **(headers or {})},
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
+
+    def url_for(self, user_id: str) -> str:
+        return self.url.replace("{user_id}", quote(user_id, safe=""))
+
+    async def get(self, user_id: str) -> Any:
+        try:
+            response = await self._client.get(self.url_for(user_id))
+        except httpx.HTTPError as exc:
+            raise ProfileLookupError(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise ProfileLookupError(f"HTTP {response.status_code}")
+        try:
+            profile = response.json()
+        except ValueError:
+            raise ProfileLookupError("response is not JSON") from None
+        if not isinstance(profile, dict):
+            raise ProfileLookupError("response is not a JSON object")
+        return profile
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class CallableProfiles:
+    """Profiles from a function `f(user_id)`, sync (keep it fast) or async."""
+
+    def __init__(self, function: Any) -> None:
+        if not callable(function):
+            raise TypeError(f"{function!r} is not callable")
+        self.function = function
+
+    async def get(self, user_id: str) -> Any:
+        result = self.function(user_id)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+def load_callable(spec: str) -> ProfileSource:
+    """`package.module:name`: a function, or an object with `async get(user_id)`."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"expected \"module:function\", got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r}: {exc}") from None
+    target: Any = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if (
+        callable(getattr(target, "get", None))
+        and not inspect.isfunction(target)
+        and not inspect.isclass(target)
+    ):
+        return target  # type: ignore[no-any-return]
+    if not callable(target):
+        raise ValueError(f"{spec!r} is neither callable nor has a get(user_id) method")
+    return CallableProfiles(target)
+
+
 class CachedProfiles:
+    """A source behind a TTL cache, with a timeout and the `{"id": user_id}` fallback."""
+
     def __init__(
         self,
         source: ProfileSource,
@@ -43,8 +147,12 @@ class CachedProfiles:
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[float, Any]] = OrderedDict()
 
+    @property
+    def source(self) -> ProfileSource:
+        return self._source
+
     async def get(self, user_id: str) -> Any:
-        now = time.monotonic()
+        now = trio.current_time()
         hit = self._cache.get(user_id)
         if hit is not None and hit[0] > now:
             self._cache.move_to_end(user_id)
@@ -54,7 +162,7 @@ class CachedProfiles:
             try:
                 profile = await self._source.get(user_id)
             except Exception as exc:  # a profile service problem must not refuse a sync
-                log.warning("profile lookup failed user=%s error=%r", user_id, exc)
+                log.warning("profile lookup failed user=%s error=%s", user_id, exc)
         if scope.cancelled_caught:
             log.warning("profile lookup timed out user=%s timeout_s=%s", user_id, self._timeout_s)
         if profile is None:
@@ -70,3 +178,25 @@ class CachedProfiles:
 
     def evict(self, user_id: str) -> None:
         self._cache.pop(user_id, None)
+
+    def reconfigure(
+        self,
+        source: ProfileSource | None = None,
+        *,
+        ttl_s: float | None = None,
+        timeout_s: float | None = None,
+        max_entries: int | None = None,
+    ) -> ProfileSource:
+        """Swap the source and limits (SIGHUP); the cache is emptied. Returns the old source,
+        for the caller to close once in-flight lookups are done with it."""
+        old = self._source
+        if source is not None:
+            self._source = source
+        if ttl_s is not None:
+            self._ttl_s = ttl_s
+        if timeout_s is not None:
+            self._timeout_s = timeout_s
+        if max_entries is not None:
+            self._max = max_entries
+        self._cache.clear()
+        return old

@@ -1,0 +1,1 @@
+"""Interop tests: real Verdant clients (Node) against the sync server."""
