@@ -65,7 +65,7 @@ class Daemon:
 def write_config(path: Path, port: int, **logging: Any) -> None:
     lines = [
         "[server]", f"port = {port}",
-        "[auth]", f'token_secret_file = "${{CREDENTIALS_DIRECTORY}}/token-secret"',
+        "[auth]", 'token_secret_file = "${CREDENTIALS_DIRECTORY}/token-secret"',
         f'admin_token = "{ADMIN}"',
         "[storage]", f'databases_dir = "{path.parent / "dbs"}"',
         "[files]", f'root = "{path.parent / "files"}"',

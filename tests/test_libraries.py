@@ -4,39 +4,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import trio
 
 from verdant_trio.libraries import Libraries, LibrarySettings
 from verdant_trio.protocol import ReplicaType, validate_client_message
 
+from .fakes import RecordingPeer
+
 pytestmark = pytest.mark.trio
 
 
-@dataclass(eq=False)
-class Peer:
-    key: int
-    user_id: str
-    type: ReplicaType = ReplicaType.REALTIME
-    realtime: bool = True
-    replica_id: str | None = None
-    profile: Any = None
-    inbox: list[dict[str, Any]] = field(default_factory=list)
-    closed_with: tuple[int, str] | None = None
-
-    def deliver(self, text: str) -> None:
-        self.inbox.append(orjson.loads(text))
-
-    def close_soon(self, code: int, reason: str) -> None:
-        self.closed_with = (code, reason)
-
-    def kinds(self) -> list[str]:
-        return [m["type"] for m in self.inbox]
+Peer = RecordingPeer
 
 
 @contextlib.asynccontextmanager

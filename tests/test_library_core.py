@@ -2,35 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 
-from verdant_trio.library import LibraryCore, Outcome, decode_nonce
 from verdant_trio.libraries import encode_sends
+from verdant_trio.library import LibraryCore, Outcome, decode_nonce
 from verdant_trio.protocol import ReplicaType, validate_client_message
 from verdant_trio.storage.shard import Shard
 
-
-@dataclass
-class FakePeer:
-    key: int
-    user_id: str
-    type: ReplicaType = ReplicaType.REALTIME
-    realtime: bool = True
-    replica_id: str | None = None
-    profile: Any = None
-    inbox: list[dict[str, Any]] = field(default_factory=list)
-
-    def deliver(self, text: str) -> None:
-        self.inbox.append(orjson.loads(text))
-
-    def take(self, kind: str | None = None) -> list[dict[str, Any]]:
-        items = [m for m in self.inbox if kind is None or m["type"] == kind]
-        self.inbox = [m for m in self.inbox if not (kind is None or m["type"] == kind)]
-        return items
+from .fakes import RecordingPeer
 
 
 class Harness:
@@ -42,12 +24,12 @@ class Harness:
         self.core = LibraryCore("lib", self.shard)
         self._keys = iter(range(1, 10_000))
 
-    def peer(self, user: str, type: ReplicaType = ReplicaType.REALTIME) -> FakePeer:
-        peer = FakePeer(next(self._keys), user, type)
+    def peer(self, user: str, type: ReplicaType = ReplicaType.REALTIME) -> RecordingPeer:
+        peer = RecordingPeer(next(self._keys), user, type)
         self.core.attach(peer)
         return peer
 
-    def send(self, peer: FakePeer, message: dict[str, Any]) -> Outcome:
+    def send(self, peer: RecordingPeer, message: dict[str, Any]) -> Outcome:
         outcome = Outcome()
         parsed = validate_client_message(message)
         with self.shard.transaction():
@@ -61,7 +43,7 @@ class Harness:
         with self.shard.transaction():
             return self.core.rebase(online or [])
 
-    def sync(self, peer: FakePeer, replica: str, ts: str, **extra: Any) -> dict[str, Any]:
+    def sync(self, peer: RecordingPeer, replica: str, ts: str, **extra: Any) -> dict[str, Any]:
         message = {
             "type": "sync", "replicaId": replica, "timestamp": ts, "operations": [],
             "baselines": [], "schemaVersion": 1, "since": None,
@@ -70,7 +52,7 @@ class Harness:
         self.send(peer, message)
         return [m for m in peer.take() if m["type"] in ("sync-resp", "need-since", "forbidden")][-1]
 
-    def ack_all(self, peer: FakePeer, replica: str, ts: str) -> None:
+    def ack_all(self, peer: RecordingPeer, replica: str, ts: str) -> None:
         """What a caught-up client does: ack the newest server order and a timestamp."""
         order = self.shard.latest_server_order()
         from verdant_trio.library import encode_nonce

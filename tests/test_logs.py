@@ -12,7 +12,12 @@ from collections.abc import Iterator
 import pytest
 
 from verdant_trio import logs
-from verdant_trio.logs import LogSettings, StructuredFormatter, journal_is_stderr, split_record
+from verdant_trio.logs import (
+    LogSettings,
+    StructuredFormatter,
+    journal_is_stderr,
+    split_record,
+)
 
 
 def record(msg: str, *args: object, level: int = logging.INFO, **extra: object) -> logging.LogRecord:

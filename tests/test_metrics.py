@@ -7,7 +7,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,7 +19,6 @@ from verdant_trio.metrics import PrometheusObserver
 from verdant_trio.protocol import ReplicaType
 
 from .conftest import RunningServer
-
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

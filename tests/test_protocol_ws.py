@@ -9,7 +9,7 @@ import orjson
 import pytest
 import trio
 
-from verdant_trio.client import Closed, connect, timestamp
+from verdant_trio.client import connect, timestamp
 from verdant_trio.library import decode_nonce
 from verdant_trio.protocol import ReplicaType
 

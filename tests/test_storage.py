@@ -7,9 +7,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-import trio
 
-from verdant_trio.client import connect, timestamp
+from verdant_trio.client import connect
 from verdant_trio.storage.names import decode_name, encode_id, safe_file_name
 from verdant_trio.storage.schema import LATEST_VERSION, migrate
 from verdant_trio.storage.shard import Shard

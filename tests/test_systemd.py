@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from verdant_trio.notify import SystemdNotifier, parse_notify_address, watchdog_interval_s
+from verdant_trio.notify import (
+    SystemdNotifier,
+    parse_notify_address,
+    watchdog_interval_s,
+)
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "verdant-trio.service"
 

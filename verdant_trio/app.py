@@ -31,8 +31,8 @@ from .files import (
     open_multipart_file,
     plan_file_response,
 )
-from .storage.names import decode_name
 from .protocol import ProtocolError, ReplicaType, decode_json
+from .storage.names import decode_name
 from .tokens import TokenProvider
 
 log = logging.getLogger(__name__)

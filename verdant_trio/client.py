@@ -130,6 +130,15 @@ class VerdantClient:
                 continue
             return items
 
+    async def wait_closed(self, timeout_s: float = 10.0) -> int | None:
+        """Read (and drop) messages until the server closes the socket; its close code."""
+        with trio.fail_after(timeout_s):
+            while True:
+                try:
+                    await self._read(timeout_s)
+                except Closed as closed:
+                    return closed.code
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         await self.ws.aclose(code, reason)
 

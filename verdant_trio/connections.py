@@ -27,14 +27,14 @@ import trio
 from .errors import ErrorCode
 from .libraries import LibraryGone
 from .library import decode_nonce
-from .protocol import ClientMessage
 from .observe import NULL_OBSERVER, Observer
 from .protocol import (
     Ack,
+    ClientMessage,
     Heartbeat,
-    Sync,
     ProtocolError,
     ReplicaType,
+    Sync,
     encode,
     parse_client_message,
     wire_type,

@@ -36,7 +36,13 @@ from .health import Health, register_health
 from .metrics import PrometheusObserver, RequestHooks
 from .notify import SystemdNotifier
 from .observe import NULL_OBSERVER
-from .profiles import CachedProfiles, DefaultProfiles, HttpProfiles, ProfileSource, load_callable
+from .profiles import (
+    CachedProfiles,
+    DefaultProfiles,
+    HttpProfiles,
+    ProfileSource,
+    load_callable,
+)
 
 log = logging.getLogger(__name__)
 

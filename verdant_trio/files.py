@@ -26,11 +26,16 @@ from typing import Final, Protocol
 from urllib.parse import quote
 
 import trio
-from werkzeug.http import http_date, parse_date, parse_options_header, parse_range_header
+from werkzeug.http import (
+    http_date,
+    parse_date,
+    parse_options_header,
+    parse_range_header,
+)
 from werkzeug.sansio.multipart import Data, Epilogue, File, MultipartDecoder, NeedData
 
 from .errors import ErrorCode, VerdantError
-from .storage.names import check_id, encode_id, safe_file_name
+from .storage.names import encode_id, safe_file_name
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from typing import Any, Final, TypeVar
 
 import trio
 
+from . import authz
 from .errors import ErrorCode, VerdantError
 from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
 from .observe import NULL_OBSERVER, Observer
-from .protocol import ClientMessage, Heartbeat, Op, Sync, encode
-from . import authz
+from .protocol import ClientMessage, Op, encode
 from .storage.names import encode_id
 from .storage.shard import Shard
 

@@ -30,7 +30,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from verdant_trio.patches import PatchError, apply_operations, apply_patch, is_file_ref, is_object_ref
+from verdant_trio.patches import (
+    PatchError,
+    apply_operations,
+    is_file_ref,
+    is_object_ref,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).resolve().parent / "js" / "apply_patches.mjs"
