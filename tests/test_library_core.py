@@ -260,6 +260,8 @@ def test_passive_replicas_count_for_global_ack_only_while_online(h: Harness) -> 
     p = h.peer("pat", ReplicaType.PASSIVE_REALTIME)
     h.sync(a, "ra", t(10))
     h.sync(p, "rp", t(5))
+    assert h.core.global_ack() == t(5)  # connected: it counts
+    h.core.detach(p)
     assert h.core.global_ack() == t(10)
     assert h.shard.global_ack(["rp"]) == t(5)
 
@@ -305,3 +307,44 @@ def test_hydrate_resolves_nested_objects_and_cycles(h: Harness) -> None:
     ])
     doc = h.core.hydrate("items/1", lambda fid: {"id": fid})
     assert doc == {"child": {"back": None, "n": 1}, "f": {"id": "f9"}}
+
+
+def test_passive_replica_offline_changes_older_than_the_global_ack_are_discarded(h: Harness) -> None:
+    """`ReplicaType`: passive replicas' offline changes are discarded on reconnect. Clients have
+    compacted past them (a passive replica holds nothing back while offline), so they could never
+    be applied the same everywhere."""
+    a, b = h.peer("alice"), h.peer("bob")
+    p = h.peer("pat", ReplicaType.PASSIVE_REALTIME)
+    h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {"tags": []}})])
+    h.sync(b, "rb", t(2))
+    h.sync(p, "rp", t(2))
+    h.core.detach(p)  # pat goes offline, edits at t5
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(11), "operations": [op("items/1", t(10), {"op": "set", "name": "v", "value": "a"})]})
+    h.send(a, {"type": "ack", "replicaId": "ra", "timestamp": t(12)})
+    h.send(b, {"type": "ack", "replicaId": "rb", "timestamp": t(12)})
+    assert h.core.global_ack() == t(12)
+    h.core.attach(p)
+    resp = h.sync(p, "rp", t(20), since=t(2), operations=[op("items/1", t(5), {"op": "set", "name": "v", "value": "pat"})])
+    assert resp["overwriteLocalData"] is True
+    assert h.core.object_snapshot("items/1") == {"tags": [], "v": "a"}
+    assert all(o.timestamp != t(5) for o in h.shard.operations_for("items/1"))
+
+
+def test_passive_replica_changes_newer_than_the_global_ack_are_kept(h: Harness) -> None:
+    a = h.peer("alice")
+    p = h.peer("pat", ReplicaType.PASSIVE_REALTIME)
+    h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {}})])
+    h.sync(p, "rp", t(2))
+    resp = h.sync(p, "rp", t(20), since=t(2), operations=[op("items/1", t(15), {"op": "set", "name": "v", "value": "pat"})])
+    assert resp["overwriteLocalData"] is False
+    assert h.core.object_snapshot("items/1") == {"v": "pat"}
+
+
+def test_a_connected_passive_replica_holds_the_broadcast_global_ack(h: Harness) -> None:
+    a = h.peer("alice")
+    p = h.peer("pat", ReplicaType.PASSIVE_REALTIME)
+    h.sync(a, "ra", t(10))
+    h.sync(p, "rp", t(3))
+    assert h.core.global_ack() == t(3)
+    h.core.detach(p)
+    assert h.core.global_ack() == t(10)

@@ -62,6 +62,11 @@ class AppSettings:
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
+def _has_body(headers: Any) -> bool:
+    length = headers.get("Content-Length")
+    return bool(length and length != "0") or "chunked" in headers.get("Transfer-Encoding", "")
+
+
 def json_response(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status=status, content_type="application/json")
 
@@ -116,6 +121,10 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
                 response.headers["Access-Control-Max-Age"] = "600"
         for key, value in settings.extra_headers.items():
             response.headers.setdefault(key, value)
+        if response.status_code >= 400 and _has_body(request.headers):
+            # Refused before its body was read: hypercorn cannot finish that request cycle, and a
+            # keep-alive connection would hang on the next request. Make the client reconnect.
+            response.headers["Connection"] = "close"
         return response
 
     @app.errorhandler(VerdantError)
@@ -400,7 +409,12 @@ class AsgiWebSocket:
     async def send(self, text: str) -> None:
         if self.closed:
             raise Disconnected()
-        await self._send({"type": "websocket.send", "text": text})
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError, OSError):
+            # hypercorn closing the socket under us (its close does not take its send lock)
+            self.closed = True
+            raise Disconnected() from None
 
     async def close(self, code: int, reason: str) -> None:
         if self.closed:
@@ -494,6 +508,8 @@ class VerdantAsgi:
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
         ]
+        if status >= 400:
+            response_headers.append((b"connection", b"close"))  # the body may be unread
         origin = headers.get("origin")
         if origin and (self.settings.cors_origins is None or origin in self.settings.cors_origins):
             response_headers += [

@@ -68,6 +68,8 @@ class ServerSettings:
     port: int = 3242
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     graceful_timeout_s: float = 10.0
+    stalled_peer_timeout_s: float = 30.0
+    """Abort a connection whose peer acknowledges none of our data for this long (TCP)."""
     files_dir: Path | None = None
     files_public_url: str | None = None
     """Base URL of file links (the public origin behind a proxy); default: the request's."""
@@ -379,9 +381,11 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "when it returns."),
     Key("storage", "idle_close_s", number(above=0), _default(_LIB, "idle_close_s"),
         "Close a library's database this long after its last client left."),
-    Key("storage", "synchronous", choice("full", "normal"), "full",
-        '"full": every acknowledged change survives a power cut. "normal": faster; the\n'
-        "database stays consistent but the last acknowledged changes may be lost."),
+    Key("storage", "synchronous", choice("full", "normal"), "normal",
+        '"normal" (what the Node server runs with): every acknowledged change survives a crash\n'
+        "or kill of the server process; after a power cut or OS crash the database is\n"
+        'consistent but the last acknowledged changes may be lost. "full": they survive a\n'
+        "power cut too, at the price of an fsync per batch."),
     Key("files", "enabled", boolean, True, "Accept file uploads and serve files."),
     Key("files", "root", None, "verdant-files", "Directory of uploaded files."),
     Key("files", "max_upload_bytes", integer(1), DEFAULT_MAX_UPLOAD_BYTES,
@@ -406,6 +410,9 @@ SCHEMA: Final[tuple[Key, ...]] = (
         _default(_CORE, "max_concurrent_handshakes"), "Websocket handshakes in progress at once."),
     Key("limits", "handshake_timeout_s", number(above=0), _default(_CORE, "handshake_timeout_s"),
         "A handshake that cannot start within this is refused with 503."),
+    Key("limits", "stalled_peer_timeout_s", number(above=0), 30.0,
+        "Abort a connection whose peer acknowledges none of our data for this long (a\n"
+        "client that stopped reading, or vanished): the kernel's TCP_USER_TIMEOUT, Linux."),
     Key("limits", "shutdown_timeout_s", number(at_least=0), 10.0,
         "On SIGTERM, how long requests in flight get to finish before they are cancelled."),
     Key("profiles", "url", http_url(placeholder="{user_id}"), None,
@@ -620,6 +627,7 @@ def build_settings(
         port=v("server", "port"),
         max_message_bytes=max_message_bytes,
         graceful_timeout_s=v("limits", "shutdown_timeout_s"),
+        stalled_peer_timeout_s=v("limits", "stalled_peer_timeout_s"),
         files_dir=v("files", "root") if v("files", "enabled") else None,
         files_public_url=v("files", "public_url") or public_url,
         public_url=public_url,

@@ -93,6 +93,8 @@ class VerdantCore:
         self.sync_limiter = trio.CapacityLimiter(settings.max_concurrent_syncs)
         self.handshake_limiter = trio.CapacityLimiter(settings.max_concurrent_handshakes)
         self.connections: set[ReplicaConnection] = set()
+        self._admitted = 0
+        """Websockets admitted and not yet finished (handshaking or connected)."""
         self.shutting_down = False
 
     @property
@@ -138,7 +140,7 @@ class VerdantCore:
                 ErrorCode.FORBIDDEN,
                 f"a {info.type.name.lower()} token may not open a realtime connection",
             )
-        if len(self.connections) >= self.settings.max_connections:
+        if self._admitted >= self.settings.max_connections:
             raise VerdantError(ErrorCode.UNAVAILABLE, "too many connections; retry later")
 
     async def serve_websocket(
@@ -154,6 +156,14 @@ class VerdantCore:
         handshake that cannot start within the timeout is refused with 503.
         """
         self.admit_websocket(info)
+        # The slot is taken at admission, not once accepted: concurrent handshakes count too.
+        self._admitted += 1
+        try:
+            await self._serve_admitted(info, accept, transport)
+        finally:
+            self._admitted -= 1
+
+    async def _serve_admitted(self, info: TokenInfo, accept: Any, transport: Transport) -> None:
         with trio.move_on_after(self.settings.handshake_timeout_s):
             await self.handshake_limiter.acquire()
         if not self._holds_handshake():

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -51,8 +52,32 @@ SHUTDOWN_EXTRA_S: Final = 5.0
 _RELOADABLE: Final = frozenset((k.section, k.name) for k in SCHEMA if k.reloadable)
 
 
+class _Config(HypercornConfig):
+    """Hypercorn's config, with listening sockets that give up on stalled peers.
+
+    A peer that stops reading leaves hypercorn's (shielded) socket write blocked forever, so
+    closing a slow consumer could not free its connection. TCP_USER_TIMEOUT, inherited by every
+    accepted socket, makes the kernel abort a connection whose data stays unacknowledged (zero
+    window included) that long; the blocked write then fails and the connection ends.
+    """
+
+    stalled_peer_timeout_s: float = 30.0
+
+    def create_sockets(self) -> Any:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if option is not None:
+            for sock in (*sockets.insecure_sockets, *sockets.secure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP, option, int(self.stalled_peer_timeout_s * 1000)
+                    )
+        return sockets
+
+
 def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = _Config()
+    config.stalled_peer_timeout_s = settings.stalled_peer_timeout_s
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_max_message_size = settings.max_message_bytes

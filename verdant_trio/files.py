@@ -26,6 +26,7 @@ from typing import Final, Protocol
 from urllib.parse import quote
 
 import trio
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import (
     http_date,
     parse_date,
@@ -237,7 +238,7 @@ class MultipartFile:
             if isinstance(event, NeedData):
                 if decoder.complete:
                     raise VerdantError(ErrorCode.INVALID_REQUEST, "upload ended before the file did")
-                decoder.receive_data(await _next_chunk(self._body))
+                _feed(decoder, await _next_chunk(self._body))
                 continue
             if not isinstance(event, Data):
                 raise VerdantError(ErrorCode.INVALID_REQUEST, "malformed multipart body")
@@ -256,7 +257,17 @@ class MultipartFile:
             if isinstance(event, NeedData):
                 if decoder.complete:
                     return
-                decoder.receive_data(await _next_chunk(self._body))
+                _feed(decoder, await _next_chunk(self._body))
+
+
+def _feed(decoder: MultipartDecoder, data: bytes | None) -> None:
+    try:
+        decoder.receive_data(data)
+    except RequestEntityTooLarge:
+        raise VerdantError(
+            ErrorCode.INVALID_REQUEST,
+            "malformed multipart body: no part boundary within the first MiB",
+        ) from None
 
 
 async def _next_chunk(body: AsyncIterator[bytes]) -> bytes | None:
@@ -290,7 +301,7 @@ async def open_multipart_file(
         if isinstance(event, NeedData):
             if decoder.complete:
                 break
-            decoder.receive_data(await _next_chunk(body))
+            _feed(decoder, await _next_chunk(body))
         elif isinstance(event, File) and event.name == field:
             return MultipartFile(
                 body,

@@ -32,7 +32,7 @@ from . import authz
 from .errors import ErrorCode, VerdantError
 from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
 from .observe import NULL_OBSERVER, Observer
-from .protocol import ClientMessage, Op, encode
+from .protocol import Ack, ClientMessage, Op, encode
 from .storage.names import encode_id
 from .storage.shard import Shard
 
@@ -48,11 +48,17 @@ class LibrarySettings:
     idle_close_s: float = 60.0 * 60
     inbox_size: int = 256
     max_batch: int = 256
-    batch_window_s: float = 0.02
-    global_ack_interval_s: float = 0.05
+    batch_window_s: float = 0.05
+    batch_min_peers: int = 8
+    """Linger for batches only with at least this many peers (fan-out is what batching saves)."""
+    global_ack_interval_s: float = 0.5
+    """At most one `global-ack` broadcast per interval (clients only use it to compact their
+    own history; every `op-re` carries the current value as well)."""
     rebase_interval_s: float = 1.0
     http_presence_ttl_s: float = 60.0
-    synchronous: str = "FULL"
+    synchronous: str = "NORMAL"
+    """WAL + NORMAL, as the Node server (better-sqlite3 builds with that default): a commit
+    survives a process crash; FULL adds an fsync per batch so it survives a power cut too."""
     rebase: bool = True
 
     def shard_path(self, library_id: str) -> Path:
@@ -104,6 +110,14 @@ def _carries_operations(envelope: Envelope) -> bool:
     if isinstance(envelope, (_Message, _Http)):
         return any(isinstance(m, Op) for m in envelope.messages)
     return False
+
+
+def _can_wait(envelope: Envelope) -> bool:
+    """Operations and acknowledgements from realtime peers: nobody waits for an answer to an
+    ack, and an operation's answer is worth a few milliseconds of batching under load."""
+    return isinstance(envelope, _Message) and all(
+        isinstance(m, (Op, Ack)) for m in envelope.messages
+    )
 
 
 class LibraryGone(Exception):
@@ -287,30 +301,33 @@ class LibraryHost:
                 return
 
     async def _gather(self, batch: list[Envelope]) -> None:
-        """Take what is waiting; if operations are in it and the library is busy, linger.
+        """Take what is waiting; while operations keep coming, linger to batch them.
 
         Every batch with operations costs a frame to every peer (its `op-re`) and a frame back
         from each (its acknowledgement), whatever the number of operations in it, and a frame
-        costs far more than an operation. So while operations keep coming, a library broadcasts
-        at most once per `batch_window_s` and the window's operations travel together. A quiet
-        library (no operations for a window) handles each message at once: no added latency
-        when there is no load, and other messages (acks, presence) never wait.
+        costs far more than an operation. So while operations keep coming, a library handles
+        operations and acknowledgements at most once per `batch_window_s` and the window's
+        traffic travels together (one commit, one `op-re` per peer, acks merged). A quiet
+        library (no operations for a window) handles each message at once, so there is no added
+        latency without load; syncs, presence and HTTP requests are never held back; and a
+        library with few peers never lingers (its broadcasts are cheap, and every wait lengthens
+        its clients' round trips).
         """
         limit = self.settings.max_batch
         deadline = self._last_ops_at + self.settings.batch_window_s
-        lingering = False
+        if self.core is not None and len(self.core.peers) < self.settings.batch_min_peers:
+            deadline = -math.inf  # few listeners: a broadcast is cheap, waiting is not
         while batch and len(batch) < limit:
             try:
                 batch.append(self._receive.receive_nowait())
                 continue
             except trio.WouldBlock:
                 pass
-            lingering = lingering or any(_carries_operations(e) for e in batch)
-            if not lingering or trio.current_time() >= deadline:
+            if trio.current_time() >= deadline or not all(_can_wait(e) for e in batch):
                 break
             with trio.move_on_at(deadline):
                 batch.append(await self._receive.receive())
-        if lingering or any(_carries_operations(e) for e in batch):
+        if any(_carries_operations(e) for e in batch):
             self._last_ops_at = trio.current_time()
 
     def _next_timer_in(self) -> float:
@@ -412,12 +429,12 @@ class LibraryHost:
         self, core: LibraryCore, peer: Peer, message: ClientMessage, outcome: Outcome
     ) -> None:
         """One message in its own savepoint: a bug on one message must not undo the others."""
-        mark = len(outcome.sends)
+        undo = outcome.checkpoint()
         try:
             with core.shard.transaction():
                 core.handle(peer, message, outcome)
         except Exception:
-            del outcome.sends[mark:]
+            undo()
             log.exception(
                 "message failed and was rolled back library=%s user=%s replica=%s type=%s",
                 self.id, peer.user_id, getattr(message, "replica_id", None),
@@ -492,12 +509,8 @@ class LibraryHost:
             if outcome.sends:
                 self._deliver(outcome.sends)
                 self._maybe_empty()
-        busy = bool(self._send.statistics().current_buffer_used)
-        since_rebase = now - self._last_rebase_at
-        if self._rebase_due and (
-            since_rebase >= self.settings.rebase_interval_s
-            or (not busy and since_rebase >= min(0.1, self.settings.rebase_interval_s))
-        ):
+        # Compaction is batched: at most one pass per interval, whatever the traffic.
+        if self._rebase_due and now - self._last_rebase_at >= self.settings.rebase_interval_s:
             await self._rebase()
         if self._global_ack_pending and (
             now - self._last_global_ack_at >= self.settings.global_ack_interval_s
@@ -508,7 +521,7 @@ class LibraryHost:
         core = self.core
         assert core is not None
         self._global_ack_pending = False
-        ack = core.shard.global_ack()
+        ack = core.global_ack()
         if ack is None or ack == self._global_ack_sent:
             return
         self._global_ack_sent = ack
@@ -522,7 +535,7 @@ class LibraryHost:
         assert core is not None
         self._rebase_due = False
         self._last_rebase_at = time.monotonic()
-        online = core.presence.replica_ids()
+        online = core.online_replica_ids()
 
         def run() -> RebaseResult:
             with core.shard.transaction():

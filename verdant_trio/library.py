@@ -76,6 +76,31 @@ class Outcome:
     changed_history: bool = False
     acks_moved: bool = False
     stored: int = 0
+    server_acks: dict[int, Send] = field(default_factory=dict)
+    mergeable: list[Send] = field(default_factory=list)
+    """Sends later messages of the batch may extend (joined op-re, coalesced server-ack)."""
+
+    def checkpoint(self) -> Callable[[], None]:
+        """Undo for one message: drops its sends and reverts what it merged into earlier ones
+        (a joined `op-re`, a coalesced `server-ack`), so a rolled-back message leaves no trace."""
+        mark = len(self.sends)
+        acks = dict(self.server_acks)
+        mergeable = len(self.mergeable)
+        merged = [(send, dict(send.message), send.restricted) for send in self.mergeable]
+        counts = (self.stored, self.changed_history, self.acks_moved, len(self.detach))
+
+        def restore() -> None:
+            del self.sends[mark:]
+            del self.mergeable[mergeable:]
+            self.server_acks = acks
+            for send, message, restricted in merged:
+                send.message.clear()
+                send.message.update(message)
+                send.restricted = restricted
+            self.stored, self.changed_history, self.acks_moved, detached = counts
+            del self.detach[detached:]
+
+        return restore
 
 
 def encode_nonce(server_order: int) -> str:
@@ -152,8 +177,20 @@ class LibraryCore:
         if targets:
             out.sends.append(Send(message, targets, restricted))
 
+    def online_replica_ids(self) -> set[str]:
+        """Replicas connected right now: passive ones hold history back only while here."""
+        online = {p.replica_id for p in self.peers.values() if p.replica_id is not None}
+        online.update(self.presence.replica_ids())
+        return online
+
     def global_ack(self) -> str | None:
-        return self.shard.global_ack()
+        """The time every replica that counts has seen: what clients may compact up to.
+
+        Connected passive replicas count, as in compaction (the reference left them out of the
+        value it broadcast, so clients could compact past an operation a connected passive
+        replica was still sending).
+        """
+        return self.shard.global_ack(self.online_replica_ids())
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -163,12 +200,12 @@ class LibraryCore:
             self._reply(out, peer, {"type": "heartbeat-response"})
             return
         replica_id = message.replica_id
-        existing = self.shard.replica(replica_id)
-        if existing is not None and existing.user_id != peer.user_id:
+        owner = self.shard.replica_owner(replica_id)
+        if owner is not None and owner != peer.user_id:
             # A replica id belongs to the user who first synced it; nobody may speak for it.
             log.warning(
                 "replica id claimed by another user library=%s replica=%s user=%s owner=%s",
-                self.id, replica_id, peer.user_id, existing.user_id,
+                self.id, replica_id, peer.user_id, owner,
             )
             self._reply(out, peer, {"type": "forbidden"})
             return
@@ -231,8 +268,24 @@ class LibraryCore:
             message.replica_id, message.operations[-1]["timestamp"]
         )
         out.acks_moved = True
-        self._reply(out, peer, {"type": "server-ack", "timestamp": message.timestamp})
+        self._acknowledge(out, peer, message.timestamp)
         self._rebroadcast_operations(out, peer, message.replica_id, message.operations)
+
+    def _acknowledge(self, out: Outcome, peer: Peer, timestamp: str) -> None:
+        """One `server-ack` per sender per batch, with its newest timestamp.
+
+        Clients read a server-ack as "synced up to this time" (`updateLastSynced`), and a
+        replica's message timestamps only grow, so the newest says everything the others would.
+        """
+        previous = out.server_acks.get(peer.key)
+        if previous is not None:
+            if timestamp > previous.message["timestamp"]:
+                previous.message["timestamp"] = timestamp
+            return
+        send = Send({"type": "server-ack", "timestamp": timestamp}, [peer])
+        out.server_acks[peer.key] = send
+        out.sends.append(send)
+        out.mergeable.append(send)
 
     def _rebroadcast_operations(
         self, out: Outcome, sender: Peer, replica_id: str, operations: list[dict[str, Any]]
@@ -248,7 +301,7 @@ class LibraryCore:
         ack = self.global_ack()
         restricted = authz.any_restricted(operations)
         key = (sender.key, replica_id, frozenset(p.key for p in targets))
-        for previous in reversed(out.sends):
+        for previous in reversed(out.mergeable):
             if previous.merge_key == key:
                 merged = previous.message
                 merged["operations"] = [*merged["operations"], *operations]
@@ -265,7 +318,9 @@ class LibraryCore:
         }
         if ack is not None:
             rebroadcast["globalAckTimestamp"] = ack
-        out.sends.append(Send(rebroadcast, targets, restricted, key))
+        send = Send(rebroadcast, targets, restricted, key)
+        out.sends.append(send)
+        out.mergeable.append(send)
 
     def _handle_ack(self, message: Ack, out: Outcome) -> None:
         if message.nonce:
@@ -309,6 +364,23 @@ class LibraryCore:
         if message.resync_all:
             self.shard.delete_replica(replica_id)
         status, replica = self._replica_for(peer, replica_id)
+
+        if peer.type.is_passive and message.since is not None and message.operations:
+            # A passive replica does not hold history back while offline, so others may have
+            # compacted past its offline edits; clients ignore operations older than their
+            # baselines, so such edits could never be applied the same everywhere. As
+            # `ReplicaType` documents, a passive replica's offline changes are discarded on
+            # reconnect: refuse them and reset it (the reference stored them, and replicas
+            # diverged).
+            ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
+            if ack is not None and any(op["timestamp"] <= ack for op in message.operations):
+                log.info(
+                    "discarding a passive replica's offline changes library=%s replica=%s "
+                    "operations=%d",
+                    self.id, replica_id, len(message.operations),
+                )
+                self._respond_sync(peer, message, replica, reset=True, out=out)
+                return
 
         allow_truant = False
         if status == "truant":
@@ -558,7 +630,7 @@ class LibraryCore:
             "latestServerOrder": self.shard.latest_server_order(),
             "operationsCount": self.shard.operation_count(),
             "baselinesCount": self.shard.baseline_count(),
-            "globalAck": self.shard.global_ack(),
+            "globalAck": self.global_ack(),
         }
         if not replicas and not data["operationsCount"] and not data["baselinesCount"]:
             return None

@@ -49,6 +49,10 @@ class ReplicaType(enum.IntEnum):
         )
 
     @property
+    def is_passive(self) -> bool:
+        return self in (ReplicaType.PASSIVE_REALTIME, ReplicaType.PASSIVE_PUSH)
+
+    @property
     def counts_for_global_ack(self) -> bool:
         """Active types hold history back for everyone; passive ones only while online."""
         return self < ReplicaType.PASSIVE_REALTIME

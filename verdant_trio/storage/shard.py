@@ -127,6 +127,10 @@ class Shard:
         self.file_expiration_ms = int(file_expiration_days * MS_PER_DAY)
         self.now_ms = now_ms
         self.closed = False
+        # Per-message lookups a busy library would otherwise repeat thousands of times a
+        # second. Both are dropped on any rollback and by every write that changes them.
+        self._owners: dict[str, str] = {}
+        self._touched_ms: dict[str, int] = {}
 
     @classmethod
     def open(
@@ -174,8 +178,16 @@ class Shard:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
-        with self.conn:
-            yield
+        try:
+            with self.conn:
+                yield
+        except BaseException:
+            self.forget_cached()
+            raise
+
+    def forget_cached(self) -> None:
+        self._owners.clear()
+        self._touched_ms.clear()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
         row = self.conn.execute(sql, params).fetchone()
@@ -320,6 +332,16 @@ class Shard:
             for r in self.conn.execute(f'SELECT {_REPLICA_COLUMNS} FROM "ReplicaInfo"')
         ]
 
+    def replica_owner(self, replica_id: str) -> str | None:
+        """The user a replica id belongs to (None: unknown replica)."""
+        owner = self._owners.get(replica_id)
+        if owner is None:
+            row = self.replica(replica_id)
+            if row is None:
+                return None
+            owner = self._owners[replica_id] = row.user_id
+        return owner
+
     def create_replica(self, replica_id: str, user_id: str, type: ReplicaType) -> ReplicaRow:
         self.conn.execute(
             'INSERT INTO "ReplicaInfo" (id, clientId, type, ackedServerOrder) VALUES (?, ?, ?, 0)',
@@ -335,11 +357,19 @@ class Shard:
     def is_truant(self, replica: ReplicaRow) -> bool:
         return replica.last_seen_ms is not None and replica.last_seen_ms < self.truant_cutoff_ms
 
+    TOUCH_EVERY_MS: Final = 30_000
+    """Last-seen times only matter at the scale of the truancy (minutes to days)."""
+
     def touch_replica(self, replica_id: str) -> None:
+        now = self.now_ms()
+        if now - self._touched_ms.get(replica_id, -self.TOUCH_EVERY_MS) < self.TOUCH_EVERY_MS:
+            return
         self.conn.execute(
             'UPDATE "ReplicaInfo" SET lastSeenWallClockTime = ? WHERE id = ?',
-            (self.now_ms(), replica_id),
+            (now, replica_id),
         )
+        if self.conn.changes():
+            self._touched_ms[replica_id] = now
 
     def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
         self.conn.execute(
@@ -372,24 +402,14 @@ class Shard:
         only while online. Replicas that never acknowledged anything do not hold it back, as in
         the reference.
         """
-        online = set(online_replica_ids)
-        cutoff = self.truant_cutoff_ms
-        if not online:
-            value = self._one(
-                'SELECT MIN(ackedLogicalTime) FROM "ReplicaInfo" '
-                "WHERE lastSeenWallClockTime > ? AND type < 2 AND ackedLogicalTime IS NOT NULL",
-                (cutoff,),
-            )
-            return None if value is None else str(value)
-        lowest: str | None = None
-        for rid, rtype, acked in self.conn.execute(
-            'SELECT id, type, ackedLogicalTime FROM "ReplicaInfo" '
-            "WHERE lastSeenWallClockTime > ? AND ackedLogicalTime IS NOT NULL",
-            (cutoff,),
-        ):
-            if (rtype < 2 or rid in online) and (lowest is None or acked < lowest):
-                lowest = acked
-        return lowest
+        online = sorted(set(online_replica_ids))
+        value = self._one(
+            'SELECT MIN(ackedLogicalTime) FROM "ReplicaInfo" '
+            "WHERE lastSeenWallClockTime > ? AND ackedLogicalTime IS NOT NULL "
+            "AND (type < 2 OR id IN (SELECT value FROM json_each(?)))",
+            (self.truant_cutoff_ms, orjson.dumps(online).decode()),
+        )
+        return None if value is None else str(value)
 
     def earliest_acked_server_order(self) -> int:
         value = self._one(
@@ -400,12 +420,16 @@ class Shard:
 
     def delete_replica(self, replica_id: str) -> None:
         self.conn.execute('DELETE FROM "ReplicaInfo" WHERE id = ?', (replica_id,))
+        self._owners.pop(replica_id, None)
+        self._touched_ms.pop(replica_id, None)
 
     def delete_replicas_of_user(self, user_id: str) -> int:
         self.conn.execute('DELETE FROM "ReplicaInfo" WHERE clientId = ?', (user_id,))
+        self.forget_cached()
         return int(self.conn.changes())
 
     def force_truant(self, replica_id: str) -> bool:
+        self._touched_ms.pop(replica_id, None)
         self.conn.execute(
             'UPDATE "ReplicaInfo" SET lastSeenWallClockTime = ? WHERE id = ?',
             (self.truant_cutoff_ms - 1, replica_id),
@@ -463,6 +487,7 @@ class Shard:
         """Eviction: replicas, history and baselines go; file metadata is removed by the caller
         once the files themselves are deleted."""
         self.conn.execute('DELETE FROM "ReplicaInfo"')
+        self.forget_cached()
         self.conn.execute('DELETE FROM "OperationHistory"')
         self.conn.execute('DELETE FROM "DocumentBaseline"')
 

@@ -1,0 +1,206 @@
+"""`python -m bench`: the load generator. See docs/benchmarks.md.
+
+    python -m bench --servers ours,node --scenario all --json bench/results/run.json
+    python -m bench --url http://127.0.0.1:3242 --secret S [--server-pid PID] --scenario fanout
+
+With `--servers`, each scenario gets a fresh server in a fresh data directory, pinned with
+`taskset` to `--server-core` while the generator pins itself to `--generator-core`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import subprocess
+from collections.abc import Iterator
+import datetime as dt
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import trio
+
+from .replica import Endpoint
+from .scenarios import SCENARIOS, Options
+from .servers import Target, cpu_model, git_revision, node_version, start_server
+from .report import render_table
+
+DEFAULT_SECRET = "bench-secret-0123456789abcdef0123"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--servers", default=None,
+                       help='comma-separated servers to start: "ours", "node" (default: ours)')
+    where.add_argument("--url", help="an already running server's base URL (http://host:port)")
+    p.add_argument("--secret", default=None, help="token secret of the server")
+    p.add_argument("--server-pid", type=int, help="with --url: pid to read CPU and memory from")
+    p.add_argument("--sync-path", default="/verdant")
+    p.add_argument("--scenario", default="all",
+                   help=f"comma-separated: {', '.join(SCENARIOS)} or all")
+    p.add_argument("--json", type=Path, help="write all figures to this file")
+    p.add_argument("--client", choices=["lean", "trio-websocket"], default="lean")
+    p.add_argument("--server-core", type=int, default=0)
+    p.add_argument("--generator-core", type=int, default=1)
+    p.add_argument("--no-pin", action="store_true", help="do not pin server and generator")
+    p.add_argument("--log-level", default="INFO", help="our server's log level (default INFO)")
+    p.add_argument("--quick", action="store_true",
+                   help="small settings for a smoke run (5 s windows, fewer connections)")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="record our server with py-spy (collapsed stacks) into DIR; "
+                   "summarise with python -m bench.profile DIR/FILE")
+    p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy each server's log here")
+    p.add_argument("--repeat", type=int, default=1, help="run each scenario N times")
+    d = Options()
+    p.add_argument("--duration", type=float, default=d.duration_s, help="measurement window (s)")
+    p.add_argument("--warmup", type=float, default=d.warmup_s)
+    p.add_argument("--listeners", type=int, default=d.listeners)
+    p.add_argument("--window", type=int, default=d.window, help="fan-out: op messages in flight")
+    p.add_argument("--libraries", type=int, default=d.libraries)
+    p.add_argument("--library-window", type=int, default=d.library_window,
+                   help="libraries: op messages in flight per writer")
+    p.add_argument("--idle-connections", type=int, default=d.idle_connections)
+    p.add_argument("--idle-libraries", type=int, default=d.idle_libraries)
+    p.add_argument("--idle-hold", type=float, default=d.idle_hold_s)
+    p.add_argument("--initial-ops", type=int, default=d.initial_ops)
+    p.add_argument("--initial-repeats", type=int, default=d.initial_repeats)
+    p.add_argument("--http-requesters", type=int, default=d.http_requesters)
+    p.add_argument("--http-ops", type=int, default=d.http_ops)
+    p.add_argument("--no-acks", action="store_true",
+                   help="listeners do not ack op-re (real clients do)")
+    return p.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> Options:
+    opts = Options(
+        duration_s=args.duration, warmup_s=args.warmup, listeners=args.listeners,
+        window=args.window, libraries=args.libraries, library_window=args.library_window,
+        idle_connections=args.idle_connections, idle_libraries=args.idle_libraries,
+        idle_hold_s=args.idle_hold, initial_ops=args.initial_ops,
+        initial_repeats=args.initial_repeats, http_requesters=args.http_requesters,
+        http_ops=args.http_ops, acks=not args.no_acks,
+    )
+    if args.quick:
+        opts.duration_s, opts.warmup_s = min(opts.duration_s, 5.0), min(opts.warmup_s, 1.0)
+        opts.idle_connections = min(opts.idle_connections, 200)
+        opts.idle_hold_s = min(opts.idle_hold_s, 5.0)
+        opts.initial_ops = min(opts.initial_ops, 10_000)
+        opts.initial_repeats = 1
+        opts.libraries = min(opts.libraries, 20)
+    return opts
+
+
+async def run_scenario(name: str, target: Target, client: str, opts: Options) -> dict[str, Any]:
+    async with trio.open_nursery() as nursery:
+        assert target.secret is not None
+        endpoint = Endpoint(target.sync_url, target.secret, client, nursery)
+        result = await SCENARIOS[name](target, endpoint, opts)
+        nursery.cancel_scope.cancel()
+    return result
+
+
+@contextlib.contextmanager
+def profiled(target: Target, output: Path | None) -> Iterator[None]:
+    """py-spy on the server for the whole scenario.
+
+    `--gil`: only the thread holding the GIL is sampled. On a server pinned to one core a
+    runnable thread waiting for the core looks active to py-spy, so plain sampling counts
+    the worker threads' waits as work; GIL samples are the Python CPU time. What runs with
+    the GIL released (SQLite's own work, fsync, socket syscalls) is not in these samples.
+    """
+    if output is None or target.pid is None:
+        yield
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).parent / "py-spy"
+    GIL_ARGS = ["--gil"] if os.environ.get("BENCH_PROFILE_GIL") else ["--nonblocking", "--threads"]
+    spy = subprocess.Popen(
+        [str(exe) if exe.exists() else "py-spy", "record", "--pid", str(target.pid), "--rate", "200",
+         *GIL_ARGS, "--format", "raw", "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    opts = options(args)
+    pin = not args.no_pin and not args.url
+    if pin:
+        os.sched_setaffinity(0, {args.generator_core})
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    servers = ["url"] if args.url else (args.servers or "ours").split(",")
+    secret = args.secret or DEFAULT_SECRET
+    for server in servers:
+        results[server] = {}
+        for name in names:
+            for attempt in range(args.repeat):
+                print(f"[bench] {server} {name} ({attempt + 1}/{args.repeat}) ...",
+                      file=sys.stderr, flush=True)
+                if server == "url":
+                    target = Target("url", args.url, secret, pid=args.server_pid,
+                                    sync_path=args.sync_path)
+                    result = trio.run(run_scenario, name, target, args.client, opts)
+                else:
+                    with start_server(server, secret=secret,
+                                      core=args.server_core if pin else None,
+                                      log_level=args.log_level,
+                                      keep_log=args.keep_logs / f"{server}-{name}-{attempt + 1}.log"
+                                      if args.keep_logs else None) as target:
+                        profile = None
+                        if args.profile and server == "ours":
+                            profile = args.profile / f"{server}-{name}-{attempt + 1}.txt"
+                        with profiled(target, profile):
+                            result = trio.run(run_scenario, name, target, args.client, opts)
+                results[server].setdefault(name, []).append(result)
+                print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
+                      file=sys.stderr, flush=True)
+    report = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "node": node_version(), "kernel": platform.release(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "revision": git_revision(),
+        "client": args.client,
+        "pinned": {"server_core": args.server_core, "generator_core": args.generator_core}
+        if pin else None,
+        "options": opts.__dict__,
+        "results": results,
+    }
+    table = render_table(results)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+        args.json.with_suffix(".md").write_text(table + "\n")
+        print(f"figures written to {args.json} and {args.json.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

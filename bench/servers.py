@@ -1,0 +1,264 @@
+"""Servers under test: started on a pinned core, or reached at a URL; CPU and memory from /proc.
+
+`start_server("ours" | "node", ...)` launches a fresh server in a fresh data directory and
+pins it with `taskset` to one core (the load generator pins itself to another). A server given
+by URL is measured only if its pid is given too (`--server-pid`); otherwise the CPU and
+memory columns stay empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+NODE_LAUNCHER: Final = Path(
+    os.environ.get("VERDANT_REF_LAUNCHER", "/tmp/verdant-ref/run-ref-server.sh")
+)
+REPO: Final = Path(__file__).resolve().parent.parent
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of a process."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    # fields[0] is the state (field 3); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread and of all other threads together (both still alive)."""
+    out = {"main": 0.0, "other_threads": 0.0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        out["main" if int(tid) == pid else "other_threads"] += seconds
+    return out
+
+
+def context_switches(pid: int) -> dict[str, int]:
+    """Voluntary and involuntary context switches of every thread (from /proc status)."""
+    total = {"voluntary": 0, "involuntary": 0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total["voluntary"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        total["involuntary"] += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0])
+    return out
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux `clear_refs` 5); False if not permitted."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Target:
+    """A server the generator drives."""
+
+    name: str
+    url: str
+    """Base URL, e.g. http://127.0.0.1:3242 (the sync endpoint is `url + sync_path`)."""
+    secret: str | None
+    pid: int | None = None
+    sync_path: str = "/verdant"
+    process: subprocess.Popen[bytes] | None = None
+    data_dir: Path | None = None
+    log_path: Path | None = None
+    cpu_core: int | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sync_url(self) -> str:
+        return self.url.rstrip("/") + self.sync_path
+
+    def cpu(self) -> float | None:
+        return cpu_seconds(self.pid) if self.pid is not None else None
+
+    def memory(self) -> dict[str, int]:
+        return memory_kb(self.pid) if self.pid is not None else {}
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"server not listening on {port} after {timeout_s} s")
+
+
+def _pinned(command: list[str], core: int | None) -> list[str]:
+    if core is None:
+        return command
+    if shutil.which("taskset") is None:
+        raise RuntimeError("taskset not found (util-linux); pass --no-pin to run unpinned")
+    return ["taskset", "-c", str(core), *command]
+
+
+PATCH_ENV: Final = "BENCH_SERVER_PATCH"
+"""A Python file run inside our server before it starts: try a change (a monkeypatch) and
+measure it without editing the package. Experiments only."""
+
+
+def ours_command(port: int, data_dir: Path, secret: str, log_level: str) -> list[str]:
+    args = [
+        "quickstart", "--port", str(port), "--data-dir", str(data_dir), "--secret", secret,
+        "--log-level", log_level,
+    ]
+    patch = os.environ.get(PATCH_ENV)
+    if patch:
+        prelude = (
+            "import sys, runpy; runpy.run_path(sys.argv.pop(1)); "
+            "from verdant_trio.cli import main; sys.exit(main(sys.argv[1:]))"
+        )
+        return [sys.executable, "-c", prelude, str(Path(patch).resolve()), *args]
+    return [sys.executable, "-m", "verdant_trio.cli", *args]
+
+
+def node_command(port: int, data_dir: Path, secret: str) -> list[str]:
+    if not NODE_LAUNCHER.exists():
+        raise RuntimeError(
+            f"the Node reference launcher {NODE_LAUNCHER} does not exist "
+            "(set $VERDANT_REF_LAUNCHER to a script taking <port> <workdir> [args])"
+        )
+    return [str(NODE_LAUNCHER), str(port), str(data_dir), "--secret", secret]
+
+
+@contextlib.contextmanager
+def start_server(
+    kind: str,
+    *,
+    secret: str,
+    core: int | None,
+    log_level: str = "INFO",
+    keep_log: Path | None = None,
+) -> Iterator[Target]:
+    """A fresh server of `kind` ("ours" or "node") on a free port, stopped on exit."""
+    port = free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
+    if kind == "ours":
+        command = ours_command(port, data_dir, secret, log_level)
+        cwd: Path | None = REPO
+    elif kind == "node":
+        command = node_command(port, data_dir, secret)
+        cwd = None
+    else:
+        raise ValueError(f"unknown server kind {kind!r}")
+    log_path = data_dir / "server.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        _pinned(command, core), cwd=cwd, stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_listening(port, process, 30.0)
+        yield Target(
+            kind, f"http://127.0.0.1:{port}", secret, pid=process.pid, process=process,
+            data_dir=data_dir, log_path=log_path, cpu_core=core,
+        )
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log_file.close()
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(log_path, keep_log)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def node_version() -> str | None:
+    try:
+        return subprocess.run(
+            ["node", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
