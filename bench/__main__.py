@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
-import subprocess
-from collections.abc import Iterator
 import datetime as dt
 import os
 import platform
+import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ import orjson
 import trio
 
 from .replica import Endpoint
+from .report import render_table
 from .scenarios import SCENARIOS, Options
 from .servers import Target, cpu_model, git_revision, node_version, start_server
-from .report import render_table
 
 DEFAULT_SECRET = "bench-secret-0123456789abcdef0123"
 

@@ -17,7 +17,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -34,7 +34,7 @@ from .protocol import (
     Sync,
     SyncAck,
 )
-from .storage.shard import ReplicaRow, Shard, StoredBaseline, StoredOperation
+from .storage.shard import HistorySlice, ReplicaRow, Shard, StoredOperation
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,16 @@ class Outcome:
             del self.detach[detached:]
 
         return restore
+
+
+EMPTY_SLICE: Final = HistorySlice(0, None, False, "[]", list)
+
+
+def _wire_items(items: HistorySlice, restricted: bool) -> Any:
+    """Built by SQLite when nobody's view differs; as objects when authz filtering applies."""
+    if restricted:
+        return [item.wire() for item in items.rows()]
+    return orjson.Fragment(items.json)
 
 
 def encode_nonce(server_order: int) -> str:
@@ -391,9 +401,11 @@ class LibraryCore:
             )
 
         should_reset = message.resync_all or (not allow_truant and status != "existing")
-        operations = self.shard.operations_after(0 if should_reset else replica.acked_server_order)
-        baselines = self.shard.baselines() if should_reset else []
-        is_empty = not operations and not baselines
+        operations = self.shard.operations_slice(
+            0 if should_reset else replica.acked_server_order
+        )
+        baselines = self.shard.baselines_slice() if should_reset else EMPTY_SLICE
+        is_empty = not operations.count and not baselines.count
 
         if is_empty:
             # A local-only replica marked its private data "only me" before it knew its user.
@@ -458,8 +470,8 @@ class LibraryCore:
         *,
         reset: bool,
         out: Outcome,
-        operations: list[StoredOperation] | None = None,
-        baselines: list[StoredBaseline] | None = None,
+        operations: HistorySlice | None = None,
+        baselines: HistorySlice | None = None,
         complete: bool = False,
     ) -> None:
         if reset and not complete:
@@ -467,14 +479,15 @@ class LibraryCore:
             # data it gets everything needed to hold exactly the server's state, all baselines
             # and every operation not folded into them (the reference can send a reset with
             # only the operations after the replica's old position and no baselines).
-            operations = self.shard.operations_after(0)
-            baselines = self.shard.baselines()
-        operations = operations or []
-        baselines = baselines or []
+            operations = self.shard.operations_slice(0)
+            baselines = self.shard.baselines_slice()
+        operations = operations or EMPTY_SLICE
+        baselines = baselines or EMPTY_SLICE
+        restricted = operations.restricted or baselines.restricted
         response: dict[str, Any] = {
             "type": "sync-resp",
-            "operations": [op.wire() for op in operations],
-            "baselines": [b.wire() for b in baselines],
+            "operations": _wire_items(operations, restricted),
+            "baselines": _wire_items(baselines, restricted),
             "overwriteLocalData": reset,
             "peerPresence": self.presence.all(),
             "ackedTimestamp": message.timestamp,
@@ -482,11 +495,10 @@ class LibraryCore:
         ack = self.global_ack()
         if ack is not None:
             response["globalAckTimestamp"] = ack
-        if operations:
+        if operations.newest_server_order is not None:
             # The nonce names the newest server order sent (the reference takes the last by
             # timestamp, which can be older and makes the replica receive ops twice).
-            response["ackThisNonce"] = encode_nonce(max(op.server_order for op in operations))
-        restricted = any(op.authz for op in operations) or any(b.authz for b in baselines)
+            response["ackThisNonce"] = encode_nonce(operations.newest_server_order)
         self._reply(out, peer, response, restricted=restricted)
 
     # -- compaction -------------------------------------------------------------------------
