@@ -1,1 +1,1 @@
-"""verdant-trio load generator and benchmark (python -m bench). See docs/benchmarks.md."""
+"""verdant-trio load generator and benchmark (python -m bench). See "Benchmarks" in the README."""

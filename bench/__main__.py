@@ -1,4 +1,4 @@
-"""`python -m bench`: the load generator. See docs/benchmarks.md.
+"""`python -m bench`: the load generator. See "Benchmarks" in the README.
 
     python -m bench --servers ours,node --scenario all --json bench/results/run.json
     python -m bench --url http://127.0.0.1:3242 --secret S [--server-pid PID] --scenario fanout

@@ -703,7 +703,7 @@ async def http_push(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
 
 async def fanout_noack(target: Target, endpoint: Endpoint, opts: Options) -> dict[str, Any]:
     """Fan-out with listeners that never ack `op-re` (not what clients do; the mode in which
-    the Node server's fan-out figures of the issue were taken, see docs/benchmarks.md)."""
+    the Node server's fan-out figures of the issue were taken, see "Benchmarks" in the README)."""
     result = await fanout(target, endpoint, dataclasses.replace(opts, acks=False))
     result["scenario"] = "fanout-noack"
     return result

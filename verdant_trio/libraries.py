@@ -4,8 +4,10 @@ Why one task per library: Verdant's decisions (server order, acknowledgements, c
 sequential per library, and SQLite wants one writer. The task drains its bounded inbox in
 batches, handles a whole batch in one transaction in a worker thread (so a commit's fsync or a big
 initial sync never blocks the event loop), and only after the commit hands the encoded replies and
-broadcasts to the peers. Under load batches grow, so commits, acknowledgement broadcasts and
-compaction passes are paid per batch, not per message.
+broadcasts to the peers. The thread hand-off is also what makes batches: while one batch
+commits, the next one gathers (measured: committing small batches on the event loop instead made
+batches smaller and cost a quarter more CPU per operation). Under load batches grow, so commits,
+acknowledgement broadcasts and compaction passes are paid per batch, not per message.
 
 Queue policies (every queue is bounded):
 - inbox (`inbox_size` envelopes): senders block. That is backpressure on the connection readers.
@@ -60,6 +62,8 @@ class LibrarySettings:
     """WAL + NORMAL, as the Node server (better-sqlite3 builds with that default): a commit
     survives a process crash; FULL adds an fsync per batch so it survives a power cut too."""
     rebase: bool = True
+    coalesce_ticks: int = 2
+    """Scheduler ticks a batch of operations waits for the rest of the same wake-up."""
 
     def shard_path(self, library_id: str) -> Path:
         return self.databases_dir / f"{encode_id(library_id, 'library id')}.sqlite"
@@ -317,6 +321,13 @@ class LibraryHost:
         deadline = self._last_ops_at + self.settings.batch_window_s
         if self.core is not None and len(self.core.peers) < self.settings.batch_min_peers:
             deadline = -math.inf  # few listeners: a broadcast is cheap, waiting is not
+            if batch and _can_wait(batch[0]):
+                # Instead, let every connection task that is already runnable hand over what
+                # it read in the same wake-up (reader -> forwarder -> inbox is two scheduler
+                # ticks): no wall time is added, and the batch carries the tick's operations
+                # (measured: ~10 % more operations per CPU-second with 100 libraries x 2).
+                for _ in range(self.settings.coalesce_ticks):
+                    await trio.lowlevel.checkpoint()
         while batch and len(batch) < limit:
             try:
                 batch.append(self._receive.receive_nowait())
