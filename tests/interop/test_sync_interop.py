@@ -15,6 +15,7 @@ from verdant_trio.client import connect, timestamp
 
 from .conftest import ClientFactory
 from .harness import (
+    DriverError,
     NodeClient,
     ServerProcess,
     converged,
@@ -77,20 +78,30 @@ async def _random_edits(client: NodeClient, rng: random.Random, steps: int, pref
             await client.put("items", {"id": f"{prefix}{made}", "content": f"{prefix} #{made}", "tags": [prefix]})
             continue
         doc = rng.choice(docs)
-        if choice < 0.5:
-            await client.update("items", doc["id"], set={"content": f"{prefix} step {step}"})
-        elif choice < 0.6:
-            await client.update("items", doc["id"], set={"purchased": not doc["purchased"]})
-        elif choice < 0.75:
-            await client.update("items", doc["id"], push={"tags": f"{prefix}{step}"})
-        elif choice < 0.85 and doc["tags"]:
-            await client.update("items", doc["id"], remove_at={"tags": 0})
-        elif choice < 0.95:
-            await client.update("items", doc["id"], push={"comments": {"id": f"c{prefix}{step}", "content": "hi", "authorId": prefix}})
-        else:
-            await client.delete("items", doc["id"])
+        try:
+            await _edit(client, doc, choice, prefix, step)
+        except DriverError as exc:
+            # Another client deleted it since `list` (their delete reached us first): what a
+            # user sees as the document disappearing. Anything else is a failure.
+            if "not found" not in str(exc) or await client.get("items", doc["id"]) is not None:
+                raise
         if rng.random() < 0.3:
             await trio.sleep(rng.random() * 0.05)
+
+
+async def _edit(client: NodeClient, doc: dict[str, Any], choice: float, prefix: str, step: int) -> None:
+    if choice < 0.5:
+        await client.update("items", doc["id"], set={"content": f"{prefix} step {step}"})
+    elif choice < 0.6:
+        await client.update("items", doc["id"], set={"purchased": not doc["purchased"]})
+    elif choice < 0.75:
+        await client.update("items", doc["id"], push={"tags": f"{prefix}{step}"})
+    elif choice < 0.85 and doc["tags"]:
+        await client.update("items", doc["id"], remove_at={"tags": 0})
+    elif choice < 0.95:
+        await client.update("items", doc["id"], push={"comments": {"id": f"c{prefix}{step}", "content": "hi", "authorId": prefix}})
+    else:
+        await client.delete("items", doc["id"])
 
 
 async def test_three_clients_with_random_concurrent_edits_converge(
