@@ -348,3 +348,50 @@ def test_a_connected_passive_replica_holds_the_broadcast_global_ack(h: Harness) 
     assert h.core.global_ack() == t(3)
     h.core.detach(p)
     assert h.core.global_ack() == t(10)
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["public", "with-private-data"])
+def test_sync_response_never_returns_the_syncing_replicas_own_new_operations(
+    h: Harness, private: bool
+) -> None:
+    """The history a sync answers with is read before the replica's offered operations are
+    stored, whether it is built by SQLite (no private data) or filtered per user (private data
+    in it): both must say the same."""
+    import base64
+
+    a = h.peer("alice")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    h.ack_all(a, "ra", t(2))
+    b = h.peer("bob")
+    h.sync(b, "rb", t(3))
+    h.ack_all(b, "rb", t(3))
+    h.core.detach(b)  # bob goes offline; alice writes meanwhile
+    later = op("items/3", t(4), {"op": "initialize", "value": {"v": 3}})
+    if private:
+        later["authz"] = base64.b64encode(b"u:alice:*").decode()
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(4), "operations": [later]})
+    b = h.peer("bob")
+    offline = op("items/2", t(5), {"op": "initialize", "value": {"v": 2}})
+    resp = h.sync(b, "rb", t(6), operations=[offline], since=t(3))
+    assert resp["overwriteLocalData"] is False
+    assert [o["oid"] for o in resp["operations"]] == ([] if private else ["items/3"])
+    assert decode_nonce(resp["ackThisNonce"]) == 2  # alice's op, not bob's own (3)
+    assert [o.oid for o in h.shard.operations_after(0)] == ["items/1", "items/3", "items/2"]
+
+
+def test_private_operations_beside_public_baselines_in_a_reset(h: Harness) -> None:
+    """A reset carries baselines built by SQLite and operations filtered per user side by side."""
+    import base64
+
+    a = h.peer("alice")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    private = op("items/2", t(3), {"op": "initialize", "value": {"v": 2}})
+    private["authz"] = base64.b64encode(b"u:alice:*").decode()
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3), "operations": [private]})
+    h.ack_all(a, "ra", t(3))
+    assert h.rebase(["ra"]).folded_operations == 1  # the newest operation always stays
+    for user, replica, visible in (("bob", "rb", []), ("alice", "ra2", ["items/2"])):
+        resp = h.sync(h.peer(user), replica, t(4))
+        assert resp["overwriteLocalData"] is True
+        assert [b["oid"] for b in resp["baselines"]] == ["items/1"]
+        assert [o["oid"] for o in resp["operations"]] == visible

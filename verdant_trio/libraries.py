@@ -146,7 +146,8 @@ def encode_sends(sends: list[Send]) -> list[tuple[str, str, list[Peer]]]:
         for user_id, peers in by_user.items():
             view = dict(send.message)
             for key in ("operations", "baselines"):
-                if view.get(key) is not None:
+                # a pre-encoded array (orjson.Fragment) holds no restricted items
+                if isinstance(view.get(key), list):
                     view[key] = authz.filter_visible(view[key], user_id)
             encoded.append((kind, encode(view), peers))
     return encoded

@@ -103,13 +103,13 @@ class Outcome:
         return restore
 
 
-EMPTY_SLICE: Final = HistorySlice(0, None, False, "[]", list)
+EMPTY_SLICE: Final = HistorySlice(0, None)
 
 
-def _wire_items(items: HistorySlice, restricted: bool) -> Any:
-    """Built by SQLite when nobody's view differs; as objects when authz filtering applies."""
-    if restricted:
-        return [item.wire() for item in items.rows()]
+def _wire_items(items: HistorySlice) -> Any:
+    """Built by SQLite when nothing in it is restricted; as objects to filter per user else."""
+    if items.rows is not None:
+        return [item.wire() for item in items.rows]
     return orjson.Fragment(items.json)
 
 
@@ -486,8 +486,8 @@ class LibraryCore:
         restricted = operations.restricted or baselines.restricted
         response: dict[str, Any] = {
             "type": "sync-resp",
-            "operations": _wire_items(operations, restricted),
-            "baselines": _wire_items(baselines, restricted),
+            "operations": _wire_items(operations),
+            "baselines": _wire_items(baselines),
             "overwriteLocalData": reset,
             "peerPresence": self.presence.all(),
             "ackedTimestamp": message.timestamp,

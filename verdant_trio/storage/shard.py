@@ -75,18 +75,23 @@ class StoredBaseline:
 
 @dataclass(slots=True)
 class HistorySlice:
-    """Operations or baselines for a sync response, as a JSON array built by SQLite.
+    """Operations or baselines for a sync response, read at one moment.
 
     A first sync of a big library sends tens of thousands of operations; building their JSON in
     SQLite keeps Python from holding an object per operation (time and peak memory both halve).
-    Restricted (authz) items must be filtered per user, so `rows()` loads them as objects then.
+    Restricted (authz) items must be filtered per user, so then `rows` holds them as objects.
     """
 
     count: int
     newest_server_order: int | None
-    restricted: bool
-    json: str
-    rows: Callable[[], list[Any]]
+    json: str = "[]"
+    """The items as a JSON array (unused when `rows` is set)."""
+    rows: list[Any] | None = None
+    """Set only when some item is restricted: `StoredOperation`s or `StoredBaseline`s."""
+
+    @property
+    def restricted(self) -> bool:
+        return self.rows is not None
 
 
 @dataclass(slots=True)
@@ -270,33 +275,34 @@ class Shard:
             'FROM "OperationHistory" WHERE serverOrder > ?',
             (after_server_order,),
         )
-        text = "[]"
-        if count and not restricted:
-            text = self._one(
-                "SELECT json_group_array(json_object("
-                "'oid', oid, 'timestamp', timestamp, 'data', json(data))) FROM "
-                '(SELECT oid, timestamp, data FROM "OperationHistory" WHERE serverOrder > ? '
-                "ORDER BY timestamp ASC)",
-                (after_server_order,),
-            )
-        return HistorySlice(
-            int(count), newest, bool(restricted), text,
-            lambda: self.operations_after(after_server_order),
+        if restricted:
+            return HistorySlice(count, newest, rows=self.operations_after(after_server_order))
+        if not count:
+            return HistorySlice(0, None)
+        text = self._one(
+            "SELECT json_group_array(json_object("
+            "'oid', oid, 'timestamp', timestamp, 'data', json(data))) FROM "
+            '(SELECT oid, timestamp, data FROM "OperationHistory" WHERE serverOrder > ? '
+            "ORDER BY timestamp ASC)",
+            (after_server_order,),
         )
+        return HistorySlice(count, newest, text)
 
     def baselines_slice(self) -> HistorySlice:
         """`baselines` for a sync response (see `HistorySlice`)."""
         count, restricted = self._row(
             'SELECT COUNT(*), COALESCE(MAX(authz IS NOT NULL), 0) FROM "DocumentBaseline"'
         )
-        text = "[]"
-        if count and not restricted:
-            text = self._one(
-                "SELECT json_group_array(json_object("
-                "'oid', oid, 'snapshot', json(snapshot), 'timestamp', timestamp)) FROM "
-                '(SELECT oid, snapshot, timestamp FROM "DocumentBaseline" ORDER BY timestamp ASC)'
-            )
-        return HistorySlice(int(count), None, bool(restricted), text, self.baselines)
+        if restricted:
+            return HistorySlice(count, None, rows=self.baselines())
+        if not count:
+            return HistorySlice(0, None)
+        text = self._one(
+            "SELECT json_group_array(json_object("
+            "'oid', oid, 'snapshot', json(snapshot), 'timestamp', timestamp)) FROM "
+            '(SELECT oid, snapshot, timestamp FROM "DocumentBaseline" ORDER BY timestamp ASC)'
+        )
+        return HistorySlice(count, None, text)
 
     def operations_for(self, oid: str) -> list[StoredOperation]:
         return [
