@@ -18,21 +18,13 @@ from typing import Any, Final, Protocol
 import orjson
 import trio
 
+from verdant_trio.client import format_timestamp
 from verdant_trio.tokens import TokenProvider
 
 from .wire import LeanSocket, WsClosed
 
 HEARTBEAT_INTERVAL_S: Final = 15.0
-_BASE36: Final = "0123456789abcdefghijklmnopqrstuvwxyz"
 _TYPE_PREFIX: Final = b'{"type":"'
-
-
-def _base36(value: int, width: int) -> str:
-    digits = ""
-    while value:
-        value, rem = divmod(value, 36)
-        digits = _BASE36[rem] + digits
-    return digits.rjust(width, "0")
 
 
 class Clock:
@@ -49,7 +41,7 @@ class Clock:
             self._time, self._counter = ms, 0
         else:
             self._counter += 1
-        return "0001" + _base36(self._time, 9) + _base36(self._counter, 4) + self.node
+        return format_timestamp(1, self._time, self._counter, self.node)
 
 
 def message_type(payload: bytes) -> str:

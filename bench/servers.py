@@ -51,41 +51,39 @@ def cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds of the main thread and of all other threads together (both still alive)."""
-    out = {"main": 0.0, "other_threads": 0.0}
+def _thread_files(pid: int, name: str) -> Iterator[tuple[int, bytes]]:
+    """(thread id, contents of /proc/PID/task/TID/NAME) for every thread still alive."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return out
+        return
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/{name}", "rb") as f:
+                yield int(tid), f.read()
         except OSError:
             continue
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread and of all other threads together (both still alive)."""
+    out = {"main": 0.0, "other_threads": 0.0}
+    for tid, stat in _thread_files(pid, "stat"):
+        fields = stat.rsplit(b")", 1)[1].split()
         seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        out["main" if int(tid) == pid else "other_threads"] += seconds
+        out["main" if tid == pid else "other_threads"] += seconds
     return out
 
 
 def context_switches(pid: int) -> dict[str, int]:
     """Voluntary and involuntary context switches of every thread (from /proc status)."""
     total = {"voluntary": 0, "involuntary": 0}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return total
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches"):
-                        total["voluntary"] += int(line.split()[1])
-                    elif line.startswith("nonvoluntary_ctxt_switches"):
-                        total["involuntary"] += int(line.split()[1])
-        except OSError:
-            continue
+    for _tid, status in _thread_files(pid, "status"):
+        for line in status.splitlines():
+            if line.startswith(b"voluntary_ctxt_switches"):
+                total["voluntary"] += int(line.split()[1])
+            elif line.startswith(b"nonvoluntary_ctxt_switches"):
+                total["involuntary"] += int(line.split()[1])
     return total
 
 

@@ -33,21 +33,20 @@ def _base36(value: int, width: int) -> str:
     return digits.rjust(width, "0")
 
 
+def format_timestamp(version: int, time_ms: int, counter: int, node: str) -> str:
+    """Verdant's hybrid-logical-clock format (the client's own, so real clients can read it):
+    schema version, wall-clock milliseconds and a counter in base 36, then a 7-character node."""
+    return _base36(version, 4) + _base36(time_ms, 9) + _base36(counter, 4) + node
+
+
 def timestamp(version: int = 1, node: str = "pytrio0") -> str:
-    """A Verdant hybrid-logical-clock timestamp (the client's own format, so real clients can
-    read it): schema version, wall-clock milliseconds and a counter in base 36, and a node id.
-    Successive calls always sort later."""
+    """A timestamp of this process's clock; successive calls always sort later."""
     now = int(time.time() * 1000)
     if now > _clock["time"]:
         _clock["time"], _clock["counter"] = now, 0
     else:
         _clock["counter"] += 1
-    return (
-        _base36(version, 4)
-        + _base36(_clock["time"], 9)
-        + _base36(_clock["counter"], 4)
-        + node.rjust(7, "0")[:7]
-    )
+    return format_timestamp(version, _clock["time"], _clock["counter"], node.rjust(7, "0")[:7])
 
 
 class Closed(Exception):
