@@ -12,7 +12,6 @@ import trio
 from trio_websocket import HandshakeError, open_websocket_url
 
 from verdant_trio.client import connect, timestamp
-from verdant_trio.connections import ConnectionSettings
 
 from .conftest import SECRET, RunningServer
 
@@ -133,13 +132,10 @@ async def test_too_many_invalid_messages_close_the_connection(server: RunningSer
 
 
 async def test_oversized_frames_close_with_1009(server_factory: Any) -> None:
-    # Hypercorn closes the socket itself here and sometimes never reports the disconnect to the
-    # app; the idle timeout is what then ends the connection task, so keep it short.
-    connections = ConnectionSettings(idle_timeout_s=2)
-    async with server_factory(max_message_bytes=64 * 1024, core={"connections": connections}) as server:
+    async with server_factory(max_message_bytes=64 * 1024) as server:
         async with connect(server.sync_url, server.token()) as client:
             await client.send_raw("x" * (200 * 1024))
-            assert await client.wait_closed() == 1009
+            assert await client.wait_closed(timeout_s=5) == 1009
         async with connect(server.sync_url, server.token()) as client:
             assert (await client.sync("r"))["type"] == "sync-resp"
 

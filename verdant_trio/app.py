@@ -1,9 +1,10 @@
-"""HTTP and websocket on one port: a Quart-Trio app for HTTP, a thin ASGI path for the sync socket.
+"""HTTP and websocket on one port: a Quart-Trio app for HTTP, thin paths for the sync socket.
 
-The sync websocket is served straight from ASGI events rather than through Quart's websocket
-wrapper: it saves a task hop and a signal per frame (the frame path is the server's hot path, see
-PERFORMANCE.md) and lets us refuse a bad token with a real HTTP 401 and a Verdant error body
-before the upgrade. Everything else (HTTP sync, admin API, dev token route, files) is Quart.
+The daemon serves the sync websocket from the TCP stream (`listeners`, `stream_socket` here);
+an upgrade hypercorn receives (one on a kept-alive connection) is served from ASGI events
+rather than through Quart's websocket wrapper, which saves a task hop and a signal per frame.
+Both refuse a bad token with a real HTTP 401 and a Verdant error body before the upgrade.
+Everything else (HTTP sync, admin API, dev token route, files) is Quart.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -21,7 +23,7 @@ from quart import Blueprint, Quart, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .connections import Disconnected
+from .connections import Disconnected, Transport
 from .core import VerdantCore
 from .errors import ErrorCode, VerdantError
 from .files import (
@@ -31,6 +33,8 @@ from .files import (
     open_multipart_file,
     plan_file_response,
 )
+from .frames import UpgradeRequest
+from .listeners import StreamWebSocket, accept_upgrade, refuse
 from .protocol import ProtocolError, ReplicaType, decode_json
 from .storage.names import decode_name
 from .tokens import TokenProvider
@@ -521,38 +525,87 @@ class VerdantAsgi:
         await send({"type": "http.response.body", "body": body})
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The sync socket through hypercorn: embedding, or an upgrade on a kept-alive connection
+        (a fresh connection's upgrade is served by `stream_socket`)."""
         event = await receive()
         if event["type"] != "websocket.connect":
             return
-        transport = AsgiWebSocket(receive, send)
-        accepted = False
+        subprotocols = scope.get("subprotocols") or []
 
         async def accept() -> None:
-            nonlocal accepted
-            subprotocols = scope.get("subprotocols") or []
             message: dict[str, Any] = {"type": "websocket.accept"}
-            if subprotocols and subprotocols[0].strip() == "Bearer":
-                # Node `ws` clients refuse a connection that does not pick one of their
-                # offered subprotocols.
+            if offers_bearer(subprotocols):
                 message["subprotocol"] = "Bearer"
             await send(message)
-            accepted = True
 
-        try:
-            info = self.core.verify(websocket_token(scope))
-            await self.core.serve_websocket(info, accept, transport)
-        except VerdantError as error:
-            log.info(
-                "websocket refused status=%d code=%d reason=%s client=%s",
-                error.http_status, int(error.code), error.message,
-                (scope.get("client") or ("?",))[0],
-            )
-            if not accepted:
-                await deny_websocket(scope, send, error)
-            else:
-                await transport.close(1011, error.message[:120])
-        except Disconnected:
-            pass
+        await run_sync_socket(
+            self.core,
+            websocket_token(scope),
+            AsgiWebSocket(receive, send),
+            accept=accept,
+            deny=partial(deny_websocket, scope, send),
+            client=str((scope.get("client") or ("?",))[0]),
+        )
+
+    async def stream_socket(
+        self, upgrade: UpgradeRequest, transport: StreamWebSocket, client: str
+    ) -> None:
+        """The sync socket served from the TCP stream (`listeners`), the daemon's usual path."""
+        token = websocket_token(
+            {"subprotocols": list(upgrade.subprotocols), "query_string": upgrade.query_string}
+        )
+
+        async def accept() -> None:
+            subprotocol = "Bearer" if offers_bearer(upgrade.subprotocols) else None
+            await accept_upgrade(transport, upgrade, subprotocol)
+
+        async def deny(error: VerdantError) -> None:
+            with trio.move_on_after(self.core.settings.connections.close_timeout_s):
+                await refuse(transport, error.http_status, orjson.dumps(error.to_body()))
+
+        await run_sync_socket(
+            self.core, token, transport, accept=accept, deny=deny, client=client
+        )
+
+
+def offers_bearer(subprotocols: Any) -> bool:
+    """Node `ws` clients refuse a connection that does not pick one of their offered
+    subprotocols; the token rides as the second one after "Bearer"."""
+    return bool(subprotocols) and str(subprotocols[0]).strip() == "Bearer"
+
+
+async def run_sync_socket(
+    core: VerdantCore,
+    token: str | None,
+    transport: Transport,
+    *,
+    accept: Callable[[], Awaitable[None]],
+    deny: Callable[[VerdantError], Awaitable[None]],
+    client: str,
+) -> None:
+    """Verify, accept once the library is ready, serve; a refusal before the upgrade is an
+    HTTP error with a Verdant body, after it a close with 1011."""
+    accepted = False
+
+    async def accept_once() -> None:
+        nonlocal accepted
+        await accept()
+        accepted = True
+
+    try:
+        info = core.verify(token)
+        await core.serve_websocket(info, accept_once, transport)
+    except VerdantError as error:
+        log.info(
+            "websocket refused status=%d code=%d reason=%s client=%s",
+            error.http_status, int(error.code), error.message, client,
+        )
+        if not accepted:
+            await deny(error)
+        else:
+            await transport.close(1011, error.message[:120])
+    except Disconnected:
+        pass
 
 
 class _ClientGone(Exception):

@@ -605,6 +605,7 @@ def build_settings(
         connections=ConnectionSettings(
             outbound_queue=v("limits", "outbound_queue_messages"),
             idle_timeout_s=v("limits", "heartbeat_timeout_s"),
+            slow_close_timeout_s=v("limits", "stalled_peer_timeout_s"),
         ),
         max_connections=v("limits", "max_connections"),
         max_concurrent_syncs=v("limits", "max_concurrent_syncs"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -131,6 +132,8 @@ class ConnectionSettings:
     idle_timeout_s: float = 120.0
     max_protocol_errors: int = 16
     close_timeout_s: float = 2.0
+    slow_close_timeout_s: float = 30.0
+    """How long a slow consumer's close (1013) waits for it to read what is in flight."""
 
 
 def error_frame(message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> str:
@@ -163,7 +166,11 @@ class ReplicaConnection:
         self._observer = observer
         self._out_send, self._out_receive = trio.open_memory_channel[str](settings.outbound_queue)
         self._in_send, self._in_receive = trio.open_memory_channel[Any](settings.inbound_queue)
+        self._outbound = 0
+        """Messages handed to the writer and not yet written (queued or in its hands)."""
         self._cancel: trio.CancelScope | None = None
+        self.last_heard = time.monotonic()
+        """When the last frame arrived; see `close_if_idle`."""
         self.close_code = CLOSE_NORMAL
         self.close_reason = ""
         self.closing = False
@@ -175,6 +182,7 @@ class ReplicaConnection:
             return
         try:
             self._out_send.send_nowait(text)
+            self._outbound += 1
         except trio.WouldBlock:
             log.warning(
                 "closing slow consumer: outbound queue full library=%s user=%s replica=%s "
@@ -220,8 +228,13 @@ class ReplicaConnection:
             await self._close(self.close_code, self.close_reason)
 
     async def _close(self, code: int, reason: str) -> None:
-        with trio.move_on_after(self._settings.close_timeout_s) as scope:
-            scope.shield = True
+        """Bounded and shielded, so a shutdown still closes cleanly; a slow consumer's close
+        may wait longer for the peer to read on (it sees 1013 when it does), but not shielded,
+        so a shutdown cuts that wait short."""
+        slow = code == CLOSE_TRY_AGAIN_LATER
+        timeout_s = self._settings.slow_close_timeout_s if slow else self._settings.close_timeout_s
+        with trio.move_on_after(timeout_s) as scope:
+            scope.shield = not slow
             try:
                 await self._transport.close(code, reason[:120])
             except Disconnected:
@@ -236,18 +249,23 @@ class ReplicaConnection:
             if self._cancel is not None:
                 self._cancel.cancel()
 
+    def close_if_idle(self, now: float) -> bool:
+        """Called by the core's sweep (one timer for all connections, instead of a cancel scope
+        around every read: that was measurable per heartbeat)."""
+        if self.closing or now - self.last_heard < self._settings.idle_timeout_s:
+            return False
+        log.info(
+            "closing idle connection library=%s user=%s replica=%s",
+            self.library_id, self.user_id, self.replica_id,
+        )
+        self.close_soon(CLOSE_IDLE, "idle: no message or heartbeat")
+        return True
+
     async def _reader(self) -> None:
         errors = 0
         while True:
-            with trio.move_on_after(self._settings.idle_timeout_s) as idle:
-                raw = await self._transport.receive()
-            if idle.cancelled_caught:
-                log.info(
-                    "closing idle connection library=%s user=%s replica=%s",
-                    self.library_id, self.user_id, self.replica_id,
-                )
-                self.close_soon(CLOSE_IDLE, "idle: no message or heartbeat")
-                return
+            raw = await self._transport.receive()
+            self.last_heard = time.monotonic()
             try:
                 if isinstance(raw, (bytes, bytearray)):
                     raise ProtocolError("binary frames are not part of the protocol; send text")
@@ -266,7 +284,10 @@ class ReplicaConnection:
                 continue
             self._observer.message_in(wire_type(message))
             if isinstance(message, Heartbeat):
-                self.deliver(HEARTBEAT_RESPONSE)
+                if self._outbound or self.closing:
+                    self.deliver(HEARTBEAT_RESPONSE)
+                else:  # nothing queued or being written: answer now, in order, writer asleep
+                    await self._transport.send(HEARTBEAT_RESPONSE)
                 continue
             await self._in_send.send(message)
 
@@ -298,6 +319,7 @@ class ReplicaConnection:
     async def _writer(self) -> None:
         async for text in self._out_receive:
             await self._transport.send(text)
+            self._outbound -= 1
 
 
 class HttpPeer:

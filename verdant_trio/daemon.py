@@ -1,7 +1,7 @@
 """The server process: the nursery tree that owns the core and the HTTP server, and its signals.
 
 Nursery tree: `run_daemon` (signals, watchdog) → `Server.serve` → core (library tasks) →
-hypercorn (listeners → connections). Readiness is `task_status.started(binds)` once the sockets
+listeners (sync sockets; hypercorn for the rest). Readiness is `task_status.started(binds)` once the sockets
 listen; only then is systemd told `READY=1`.
 
 Shutdown (SIGTERM or SIGINT) is ordered: systemd hears `STOPPING=1`; new websockets are refused
@@ -26,7 +26,6 @@ from typing import Any, Final
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 from . import logs
 from .app import create_asgi_app
@@ -34,6 +33,7 @@ from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerS
 from .core import VerdantCore, open_core
 from .files import LocalFileStorage
 from .health import Health, register_health
+from .listeners import Listeners
 from .metrics import PrometheusObserver, RequestHooks
 from .notify import SystemdNotifier
 from .observe import NULL_OBSERVER
@@ -168,13 +168,15 @@ class Server:
 
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
+                    listeners = Listeners(
+                        asgi,
+                        hypercorn_config(settings),
+                        sync_path=settings.app.sync_path,
+                        max_message_bytes=settings.max_message_bytes,
+                        sync_socket=asgi.stream_socket,
+                    )
                     binds = await nursery.start(
-                        partial(
-                            hypercorn_serve,
-                            asgi,  # type: ignore[arg-type]
-                            hypercorn_config(settings),
-                            shutdown_trigger=shutdown_trigger,
-                        )
+                        partial(listeners.serve, shutdown_trigger=shutdown_trigger)
                     )
                     self.health.listening = True
                     log.info("listening on %s", " ".join(binds))

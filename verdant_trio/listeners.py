@@ -1,0 +1,373 @@
+"""The listening sockets: the sync websocket served from the TCP stream, the rest by hypercorn.
+
+Why not let hypercorn serve the sync socket too: measured on this stack, a frame through
+hypercorn's protocol objects, wsproto and ASGI events costs 2–3× what it costs here, and an idle
+connection holds ~22 KB of hypercorn, h11 and wsproto state (PERFORMANCE.md, bench "idle").
+The sync socket is the server's one hot path, so the first request on each connection is read
+here: a well-formed websocket upgrade to the sync path is answered by `frames` and served by
+`StreamWebSocket`; anything else (HTTP sync, files, admin, a later upgrade on a kept-alive
+connection) goes to hypercorn with the bytes already read replayed in front of the stream.
+
+The nursery tree follows hypercorn's `worker_serve`: lifespan → connection handlers → listeners.
+Shutdown stops accepting, tells hypercorn's connections to finish, and gives every handler the
+graceful timeout before cancelling them (the core has already closed sync sockets with 1001).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket as stdlib_socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Final
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState, LifespanState
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+from .connections import Disconnected
+from .frames import (
+    MAX_HEAD_BYTES,
+    OP_PONG,
+    OP_TEXT,
+    Close,
+    FrameError,
+    MessageReader,
+    Ping,
+    UpgradeRequest,
+    accept_response,
+    close_frame,
+    could_be_upgrade,
+    encode_frame,
+    head_length,
+    parse_upgrade,
+    refusal_response,
+)
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BYTES: Final = 64 * 1024
+_TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class StreamWebSocket:
+    """A server websocket on a TCP stream: the `Transport` a `ReplicaConnection` drives.
+
+    Two tasks use it: the connection's reader (receive, a heartbeat's answer, and the pong or
+    close echo a received frame calls for) and its writer (send). `_write` keeps their frames
+    whole and in order.
+
+    Bytes move with `os.read`/`os.write` on the socket's descriptor and trio's
+    `wait_readable`/`wait_writable` only when the socket is not ready. Trio's socket methods
+    yield to the scheduler even when the call succeeds at once, and on an idle connection that
+    is most of what a heartbeat costs (measured: see the README's benchmark notes). `send` is
+    therefore not a checkpoint when the socket has room; the writer's channel is.
+
+    A write cancelled part of the way (a slow consumer being cut off) knows what is still
+    unsent: the close finishes that frame before its own, and the peer reads a clean 1013 once
+    it reads again. The descriptor is read through the trio socket on every call, so once the
+    stream is closed a late call fails instead of touching a reused descriptor.
+    """
+
+    __slots__ = (
+        "_close_sent", "_peer_closed", "_reader", "_socket", "_stream", "_torn", "_unsent",
+        "_write_done", "_writing",
+    )
+
+    def __init__(self, stream: trio.SocketStream, reader: MessageReader) -> None:
+        self._stream = stream
+        self._socket = stream.socket
+        self._reader = reader
+        self._writing = False
+        self._write_done: trio.Event | None = None
+        """Exists only while a write is in progress and another task waits for it to end."""
+        self._unsent: memoryview | None = None
+        """The rest of a frame whose write was cancelled; it goes out before anything else."""
+        self._torn = False
+        """The stream failed: nothing more can be framed on it."""
+        self._close_sent = False
+        self._peer_closed = False
+        """Set when the peer's close frame or end of stream arrived: nothing more to read."""
+
+    @property
+    def closed(self) -> bool:
+        return self._close_sent or self._peer_closed
+
+    async def _write(self, data: bytes, *, control: bool = False) -> None:
+        while self._writing:
+            if self._write_done is None:
+                self._write_done = trio.Event()
+            await self._write_done.wait()
+        if self._torn or (self._close_sent and not control):
+            raise Disconnected()
+        self._writing = True
+        try:
+            if self._unsent is not None:
+                await self._send_unsent()
+            self._unsent = memoryview(data)
+            await self._send_unsent()
+        finally:
+            self._writing = False
+            if self._write_done is not None:
+                self._write_done.set()
+                self._write_done = None
+
+    async def _send_unsent(self) -> None:
+        # `_unsent` is exact whenever this is interrupted: a cancel can only land in the wait.
+        view = self._unsent
+        sock = self._socket
+        try:
+            while view:
+                try:
+                    sent = os.write(sock.fileno(), view)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                view = view[sent:]
+                self._unsent = view
+        except _TRANSPORT_ERRORS:
+            self._torn = True
+            raise Disconnected() from None
+        self._unsent = None
+
+    async def send_raw(self, data: bytes) -> None:
+        """Bytes outside the frame layer: the handshake answer."""
+        await self._write(data, control=True)
+
+    async def send(self, text: str) -> None:
+        if self._close_sent:
+            raise Disconnected()
+        await self._write(encode_frame(OP_TEXT, text.encode("utf-8")))
+
+    async def receive(self) -> str | bytes:
+        """The next message. A checkpoint, though when the bytes are already here it yields
+        once rather than on every socket call."""
+        reader = self._reader
+        waited = False
+        while True:
+            try:
+                event = reader.next_event()
+            except FrameError as error:
+                log.info("closing websocket: %s (%d)", error.reason, error.code)
+                await self.close(error.code, error.reason)
+                raise Disconnected() from None
+            if event is None:
+                if self._peer_closed:
+                    raise Disconnected()
+                try:
+                    data = os.read(self._socket.fileno(), RECEIVE_BYTES)
+                except BlockingIOError:
+                    try:
+                        await trio.lowlevel.wait_readable(self._socket)
+                    except _TRANSPORT_ERRORS:
+                        self._peer_closed = True
+                        raise Disconnected() from None
+                    waited = True
+                    continue
+                except _TRANSPORT_ERRORS:
+                    self._peer_closed = True
+                    raise Disconnected() from None
+                if not data:
+                    self._peer_closed = True
+                    raise Disconnected()
+                reader.feed(data)
+            elif isinstance(event, (str, bytes)):
+                if not waited:
+                    await trio.lowlevel.checkpoint()
+                return event
+            elif isinstance(event, Ping):
+                await self._write(encode_frame(OP_PONG, event.payload), control=True)
+            elif isinstance(event, Close):
+                self._peer_closed = True
+                # Echo the peer's code, as RFC 6455 §5.5.1 asks; the close is then complete.
+                await self._send_close(1000 if event.code == 1005 else event.code, "")
+                raise Disconnected()
+
+    async def _send_close(self, code: int, reason: str) -> bool:
+        if self._close_sent or self._torn:
+            return False
+        self._close_sent = True
+        try:
+            await self._write(close_frame(code, reason), control=True)
+        except Disconnected:
+            return False
+        return True
+
+    async def close(self, code: int, reason: str) -> None:
+        """Send our close frame, then wait (the caller bounds it) for the peer to end the stream.
+
+        Reading to the end matters: closing a socket with unread input makes the kernel send a
+        reset, which can destroy the close frame before the peer has read it.
+        """
+        await self._send_close(code, reason)
+        if self._torn or self._unsent is not None:
+            return
+        try:
+            await self._stream.send_eof()
+            while not self._peer_closed:
+                if not await self._stream.receive_some(RECEIVE_BYTES):
+                    self._peer_closed = True
+        except (*_TRANSPORT_ERRORS, trio.BusyResourceError):
+            self._peer_closed = True
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream whose first bytes were already read: hands them out again, then delegates.
+
+    Hypercorn's TCPServer reads `socket` for the addresses and finds no `do_handshake` (so it
+    knows the stream is plain TCP); everything else is the stream's own.
+    """
+
+    def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
+        self._stream = stream
+        self._replay = replay
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._replay:
+            data, self._replay = self._replay, b""
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def read_first_head(stream: trio.SocketStream, timeout_s: float) -> bytes:
+    """What the client sent first, read until it is a whole request head or plainly not an
+    upgrade (or the head limit, end of stream, or timeout). Whatever was read is returned."""
+    data = bytearray()
+    with trio.move_on_after(timeout_s):
+        while could_be_upgrade(data) and not head_length(data) and len(data) < MAX_HEAD_BYTES:
+            chunk = await stream.receive_some(RECEIVE_BYTES)
+            if not chunk:
+                break
+            data += chunk
+    return bytes(data)
+
+
+SyncSocketHandler = Callable[[UpgradeRequest, StreamWebSocket, str], Awaitable[None]]
+"""Serves one upgraded sync socket: (request, transport, client address)."""
+
+
+class Listeners:
+    """Accepts connections and routes each by its first request (see the module docstring)."""
+
+    def __init__(
+        self,
+        asgi: Any,
+        config: HypercornConfig,
+        *,
+        sync_path: str,
+        max_message_bytes: int,
+        sync_socket: SyncSocketHandler,
+    ) -> None:
+        self._app = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
+        self._config = config
+        self._sync_path = sync_path.rstrip("/")
+        self._max_message_bytes = max_message_bytes
+        self._sync_socket = sync_socket
+        self._context = WorkerContext(None)
+        self._lifespan_state: LifespanState = {}
+
+    async def serve(
+        self,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[None]],
+        task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until `shutdown_trigger` returns; reports the bound addresses once listening."""
+        config = self._config
+        config.set_statsd_logger_class(StatsdLogger)
+        lifespan = Lifespan(self._app, config, self._lifespan_state)
+        async with trio.open_nursery() as lifespan_nursery:
+            await lifespan_nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            async with trio.open_nursery() as handlers:
+                sockets = config.create_sockets()
+                listeners = []
+                binds = []
+                for sock in sockets.insecure_sockets:
+                    sock.listen(config.backlog)
+                    listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                    binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+                task_status.started(binds)
+                try:
+                    async with trio.open_nursery() as accepting:
+                        accepting.start_soon(
+                            partial(
+                                trio.serve_listeners, self._handle, listeners,
+                                handler_nursery=handlers,
+                            )
+                        )
+                        await shutdown_trigger()
+                        accepting.cancel_scope.cancel()
+                finally:
+                    await self._context.terminated.set()
+                    handlers.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+            await lifespan.wait_for_shutdown()
+            lifespan_nursery.cancel_scope.cancel()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            try:
+                first = await read_first_head(stream, self._config.keep_alive_timeout)
+            except _TRANSPORT_ERRORS:
+                return
+            if not first:
+                return
+            end = head_length(first)
+            upgrade = parse_upgrade(first[:end]) if end else None
+            if upgrade is not None and upgrade.path.rstrip("/") == self._sync_path:
+                transport = StreamWebSocket(
+                    stream, MessageReader(self._max_message_bytes, first[end:])
+                )
+                await self._sync_socket(upgrade, transport, _peer(stream))
+                return
+            await TCPServer(
+                self._app, self._config, self._context,
+                ConnectionState(self._lifespan_state.copy()),
+                ReplayStream(stream, first),  # type: ignore[arg-type]  # duck-typed: see ReplayStream
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if stream.socket.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
+        return str(address[0])
+    return str(address) or "unix"
+
+
+async def refuse(transport: StreamWebSocket, status: int, body: bytes) -> None:
+    """Answer the upgrade request with an HTTP error (bounded by the caller)."""
+    try:
+        await transport.send_raw(refusal_response(status, body))
+    except Disconnected:
+        pass
+
+
+async def accept_upgrade(
+    transport: StreamWebSocket, upgrade: UpgradeRequest, subprotocol: str | None
+) -> None:
+    await transport.send_raw(accept_response(upgrade.key, subprotocol))
