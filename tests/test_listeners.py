@@ -180,3 +180,24 @@ async def test_silent_sockets_are_closed_and_heartbeats_keep_them(server_factory
             assert talking.close_code is None
             await talking.send({"type": "heartbeat"})
             assert (await talking.wait_for("heartbeat-response"))["type"] == "heartbeat-response"
+
+
+async def test_large_messages_cross_whole_in_both_directions(server: RunningServer) -> None:
+    """A 300 KB op in (several TCP reads) and a sync-resp of several of them out (written as
+    header and payload apart) arrive byte for byte."""
+    values = [f"{i}:" + "é" * 150_000 for i in range(3)]
+    async with connect(server.sync_url, server.token()) as writer:
+        await writer.sync("writer")
+        for i, value in enumerate(values):
+            stamp = await writer.op("writer", [{
+                "oid": f"items/big{i}", "timestamp": timestamp(),
+                "data": {"op": "initialize", "value": {"text": value}},
+            }])
+            ack = await writer.wait_for("server-ack")
+            assert ack["timestamp"] == stamp
+    async with connect(server.sync_url, server.token(user="reader")) as reader:
+        response = await reader.sync("reader")
+    # operations, or baselines if compaction folded them meanwhile
+    texts = [op["data"]["value"]["text"] for op in response["operations"]]
+    texts += [baseline["snapshot"]["text"] for baseline in response["baselines"]]
+    assert sorted(texts) == values

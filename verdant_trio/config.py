@@ -412,7 +412,8 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "A handshake that cannot start within this is refused with 503."),
     Key("limits", "stalled_peer_timeout_s", number(above=0), 30.0,
         "Abort a connection whose peer acknowledges none of our data for this long (a\n"
-        "client that stopped reading, or vanished): the kernel's TCP_USER_TIMEOUT, Linux."),
+        "client that stopped reading, or vanished): the kernel's TCP_USER_TIMEOUT, Linux.\n"
+        "A slow consumer's close (1013) also waits up to this long for it to read on."),
     Key("limits", "shutdown_timeout_s", number(at_least=0), 10.0,
         "On SIGTERM, how long requests in flight get to finish before they are cancelled."),
     Key("profiles", "url", http_url(placeholder="{user_id}"), None,

@@ -144,14 +144,18 @@ def refusal_response(status: int, body: bytes, content_type: str = "application/
     return head.encode("ascii") + body
 
 
+def frame_header(opcode: int, length: int) -> bytes:
+    """The header of a whole, unmasked frame (server to client) with a payload of `length`."""
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 0x10000:
+        return struct.pack("!BBH", 0x80 | opcode, 126, length)
+    return struct.pack("!BBQ", 0x80 | opcode, 127, length)
+
+
 def encode_frame(opcode: int, payload: bytes) -> bytes:
     """One whole, unmasked frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
-    if n < 0x10000:
-        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
-    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+    return frame_header(opcode, len(payload)) + payload
 
 
 def close_frame(code: int, reason: str = "") -> bytes:

@@ -45,6 +45,7 @@ from .frames import (
     close_frame,
     could_be_upgrade,
     encode_frame,
+    frame_header,
     head_length,
     parse_upgrade,
     refusal_response,
@@ -53,6 +54,7 @@ from .frames import (
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES: Final = 64 * 1024
+LARGE_FRAME_BYTES: Final = 64 * 1024
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -87,8 +89,9 @@ class StreamWebSocket:
         self._writing = False
         self._write_done: trio.Event | None = None
         """Exists only while a write is in progress and another task waits for it to end."""
-        self._unsent: memoryview | None = None
-        """The rest of a frame whose write was cancelled; it goes out before anything else."""
+        self._unsent: list[memoryview] = []
+        """What a write has not sent yet: after a cancelled write, the rest of its frame, which
+        goes out before anything else."""
         self._torn = False
         """The stream failed: nothing more can be framed on it."""
         self._close_sent = False
@@ -99,7 +102,7 @@ class StreamWebSocket:
     def closed(self) -> bool:
         return self._close_sent or self._peer_closed
 
-    async def _write(self, data: bytes, *, control: bool = False) -> None:
+    async def _write(self, *parts: bytes, control: bool = False) -> None:
         while self._writing:
             if self._write_done is None:
                 self._write_done = trio.Event()
@@ -108,9 +111,7 @@ class StreamWebSocket:
             raise Disconnected()
         self._writing = True
         try:
-            if self._unsent is not None:
-                await self._send_unsent()
-            self._unsent = memoryview(data)
+            self._unsent.extend(memoryview(part) for part in parts if part)
             await self._send_unsent()
         finally:
             self._writing = False
@@ -120,21 +121,22 @@ class StreamWebSocket:
 
     async def _send_unsent(self) -> None:
         # `_unsent` is exact whenever this is interrupted: a cancel can only land in the wait.
-        view = self._unsent
+        unsent = self._unsent
         sock = self._socket
         try:
-            while view:
+            while unsent:
                 try:
-                    sent = os.write(sock.fileno(), view)
+                    sent = os.write(sock.fileno(), unsent[0])
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
                     continue
-                view = view[sent:]
-                self._unsent = view
+                if sent == len(unsent[0]):
+                    del unsent[0]
+                else:
+                    unsent[0] = unsent[0][sent:]
         except _TRANSPORT_ERRORS:
             self._torn = True
             raise Disconnected() from None
-        self._unsent = None
 
     async def send_raw(self, data: bytes) -> None:
         """Bytes outside the frame layer: the handshake answer."""
@@ -143,7 +145,11 @@ class StreamWebSocket:
     async def send(self, text: str) -> None:
         if self._close_sent:
             raise Disconnected()
-        await self._write(encode_frame(OP_TEXT, text.encode("utf-8")))
+        payload = text.encode("utf-8")
+        if len(payload) < LARGE_FRAME_BYTES:
+            await self._write(encode_frame(OP_TEXT, payload))
+        else:  # header and payload apart: no copy of a multi-megabyte sync-resp
+            await self._write(frame_header(OP_TEXT, len(payload)), payload)
 
     async def receive(self) -> str | bytes:
         """The next message. A checkpoint, though when the bytes are already here it yields
@@ -206,7 +212,7 @@ class StreamWebSocket:
         reset, which can destroy the close frame before the peer has read it.
         """
         await self._send_close(code, reason)
-        if self._torn or self._unsent is not None:
+        if self._torn or self._unsent:
             return
         try:
             await self._stream.send_eof()
