@@ -2,10 +2,14 @@
 
 A websocket connection owns three tasks in its own nursery:
 - the reader parses frames, answers `heartbeat` itself (the client gives up after 3 s, so a
-  heartbeat is never queued behind a busy library) and puts library messages on a small bounded
+  heartbeat is never queued behind a busy library; with nothing queued for the writer it writes
+  the answer at once instead of waking the writer) and puts library messages on a small bounded
   inbound channel;
 - the forwarder moves them into the library's inbox (blocking there is backpressure);
 - the writer drains the bounded outbound channel into the socket.
+
+Silence is not timed per read: the core sweeps its connections and closes those that sent
+nothing, not even a heartbeat, for the idle timeout (`close_if_idle`).
 
 Backpressure story: a peer that stops reading fills its TCP buffer, then the writer blocks, then
 its outbound channel fills; the library never waits for it. The next message the library hands

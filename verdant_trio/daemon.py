@@ -5,7 +5,7 @@ listeners (sync sockets; hypercorn for the rest). Readiness is `task_status.star
 listen; only then is systemd told `READY=1`.
 
 Shutdown (SIGTERM or SIGINT) is ordered: systemd hears `STOPPING=1`; new websockets are refused
-and open ones closed with 1001 "going away"; hypercorn stops accepting and gives requests in
+and open ones closed with 1001 "going away"; the listeners stop accepting and give requests in
 flight `shutdown_timeout_s`; then the library tasks are cancelled, and each finishes the batch in
 hand (its worker thread is never abandoned), checkpoints its WAL and closes its shard. A second
 signal, or `shutdown_timeout_s` + `SHUTDOWN_EXTRA_S` without an end, cancels the requests at once;
