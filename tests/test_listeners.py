@@ -20,7 +20,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from verdant_trio.client import connect, timestamp
+from verdant_trio.client import connect, sync_message, timestamp
 from verdant_trio.connections import ConnectionSettings
 
 from .conftest import RunningServer
@@ -80,18 +80,15 @@ class RawSocket:
                 return message
 
 
-def sync_message(replica: str) -> TextMessage:
-    return TextMessage(orjson.dumps({
-        "type": "sync", "replicaId": replica, "timestamp": timestamp(), "operations": [],
-        "baselines": [], "schemaVersion": 1, "since": None,
-    }).decode())
+def sync_frame(replica: str) -> TextMessage:
+    return TextMessage(orjson.dumps(sync_message(replica)).decode())
 
 
 async def test_the_sync_socket_answers_pings_and_echoes_a_close(server: RunningServer) -> None:
     raw = await RawSocket.open(server)
     accepted = await raw.handshake(server, server.token())
     assert isinstance(accepted, AcceptConnection) and accepted.subprotocol == "Bearer"
-    await raw.send(sync_message("r1"))
+    await raw.send(sync_frame("r1"))
     assert (await raw.message())["type"] == "sync-resp"
     await raw.send(Ping(b"are you there"))
     assert await raw.next_control() == Pong(b"are you there")
@@ -138,7 +135,7 @@ async def test_an_upgrade_on_a_kept_alive_connection_is_served_too(server: Runni
     raw = RawSocket(stream)
     accepted = await raw.handshake(server, server.token())
     assert isinstance(accepted, AcceptConnection) and accepted.subprotocol == "Bearer"
-    await raw.send(sync_message("r2"))
+    await raw.send(sync_frame("r2"))
     assert (await raw.message())["type"] == "sync-resp"
     await raw.send(CloseConnection(code=1000))
     await stream.aclose()

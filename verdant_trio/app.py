@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -34,7 +34,7 @@ from .files import (
     plan_file_response,
 )
 from .frames import UpgradeRequest
-from .listeners import StreamWebSocket, accept_upgrade, refuse
+from .listeners import StreamWebSocket
 from .protocol import ProtocolError, ReplicaType, decode_json
 from .storage.names import decode_name
 from .tokens import TokenProvider
@@ -231,15 +231,14 @@ def sync_blueprint(
     @bp.websocket("/")
     async def sync_socket() -> Response | None:
         try:
-            protocols = list(websocket.requested_subprotocols)
-            token = protocols[1] if len(protocols) >= 2 and protocols[0] == "Bearer" else None
-            info = core.verify(token or websocket.args.get("token"))
+            in_protocols = socket_token(list(websocket.requested_subprotocols), b"")
+            info = core.verify(in_protocols or socket_token((), websocket.query_string))
             core.admit_websocket(info)
         except VerdantError as error:
             return error_response(error)
 
         async def accept() -> None:
-            await websocket.accept(subprotocol="Bearer" if token else None)
+            await websocket.accept(subprotocol="Bearer" if in_protocols else None)
 
         try:
             await core.serve_websocket(info, accept, QuartWebSocket())
@@ -427,15 +426,20 @@ class AsgiWebSocket:
         await self._send({"type": "websocket.close", "code": code, "reason": reason})
 
 
-def websocket_token(scope: Scope) -> str | None:
+def socket_token(subprotocols: Sequence[str], query_string: bytes) -> str | None:
     """The reference reads `Sec-WebSocket-Protocol: Bearer, <token>` (browsers cannot set an
     Authorization header on a websocket), else `?token=`."""
-    protocols = [p.strip() for p in scope.get("subprotocols") or []]
-    if len(protocols) >= 2 and protocols[0] == "Bearer":
+    protocols = [p.strip() for p in subprotocols]
+    if len(protocols) >= 2 and offers_bearer(protocols):
         return protocols[1] or None
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    values = query.get("token")
+    values = parse_qs(query_string.decode("latin-1")).get("token")
     return values[0] if values else None
+
+
+def offers_bearer(subprotocols: Sequence[str]) -> bool:
+    """Node `ws` clients refuse a connection that does not pick one of their offered
+    subprotocols; the token rides as the second one after "Bearer"."""
+    return bool(subprotocols) and subprotocols[0].strip() == "Bearer"
 
 
 async def deny_websocket(scope: Scope, send: Send, error: VerdantError) -> None:
@@ -466,9 +470,12 @@ class VerdantAsgi:
         self._sync_path = settings.sync_path.rstrip("/") or "/"
         self._files_prefix = self._sync_path.rstrip("/") + "/files/"
 
+    def is_sync_path(self, path: str) -> bool:
+        return path.rstrip("/") == self._sync_path.rstrip("/")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] == "websocket" and path.rstrip("/") == self._sync_path.rstrip("/"):
+        if scope["type"] == "websocket" and self.is_sync_path(path):
             await self.websocket(scope, receive, send)
         elif (
             scope["type"] == "http"
@@ -540,7 +547,7 @@ class VerdantAsgi:
 
         await run_sync_socket(
             self.core,
-            websocket_token(scope),
+            socket_token(subprotocols, scope.get("query_string", b"")),
             AsgiWebSocket(receive, send),
             accept=accept,
             deny=partial(deny_websocket, scope, send),
@@ -551,27 +558,19 @@ class VerdantAsgi:
         self, upgrade: UpgradeRequest, transport: StreamWebSocket, client: str
     ) -> None:
         """The sync socket served from the TCP stream (`listeners`), the daemon's usual path."""
-        token = websocket_token(
-            {"subprotocols": list(upgrade.subprotocols), "query_string": upgrade.query_string}
-        )
 
         async def accept() -> None:
             subprotocol = "Bearer" if offers_bearer(upgrade.subprotocols) else None
-            await accept_upgrade(transport, upgrade, subprotocol)
+            await transport.accept(upgrade.key, subprotocol)
 
         async def deny(error: VerdantError) -> None:
             with trio.move_on_after(self.core.settings.connections.close_timeout_s):
-                await refuse(transport, error.http_status, orjson.dumps(error.to_body()))
+                await transport.refuse(error.http_status, orjson.dumps(error.to_body()))
 
         await run_sync_socket(
-            self.core, token, transport, accept=accept, deny=deny, client=client
+            self.core, socket_token(upgrade.subprotocols, upgrade.query_string), transport,
+            accept=accept, deny=deny, client=client,
         )
-
-
-def offers_bearer(subprotocols: Any) -> bool:
-    """Node `ws` clients refuse a connection that does not pick one of their offered
-    subprotocols; the token rides as the second one after "Bearer"."""
-    return bool(subprotocols) and str(subprotocols[0]).strip() == "Bearer"
 
 
 async def run_sync_socket(

@@ -159,18 +159,10 @@ class VerdantClient:
         ts: str | None = None,
     ) -> dict[str, Any]:
         """Send `sync` and return the `sync-resp` (or `need-since`/`forbidden`)."""
-        message: dict[str, Any] = {
-            "type": "sync",
-            "replicaId": replica_id,
-            "timestamp": ts or timestamp(),
-            "operations": operations or [],
-            "baselines": baselines or [],
-            "schemaVersion": 1,
-            "since": since,
-        }
-        if resync_all is not None:
-            message["resyncAll"] = resync_all
-        await self.send(message)
+        await self.send(sync_message(
+            replica_id, operations=operations, baselines=baselines, since=since,
+            resync_all=resync_all, ts=ts,
+        ))
         return await self.wait_for(
             lambda m: m.get("type") in ("sync-resp", "need-since", "forbidden", "error")
         )
@@ -183,6 +175,30 @@ class VerdantClient:
             {"type": "op", "replicaId": replica_id, "timestamp": stamp, "operations": operations}
         )
         return stamp
+
+
+def sync_message(
+    replica_id: str,
+    *,
+    operations: list[dict[str, Any]] | None = None,
+    baselines: list[dict[str, Any]] | None = None,
+    since: str | None = None,
+    resync_all: bool | None = None,
+    ts: str | None = None,
+) -> dict[str, Any]:
+    """A `sync` message as the client sends it (schema version 1)."""
+    message: dict[str, Any] = {
+        "type": "sync",
+        "replicaId": replica_id,
+        "timestamp": ts or timestamp(),
+        "operations": operations or [],
+        "baselines": baselines or [],
+        "schemaVersion": 1,
+        "since": since,
+    }
+    if resync_all is not None:
+        message["resyncAll"] = resync_all
+    return message
 
 
 @contextlib.asynccontextmanager

@@ -253,17 +253,16 @@ class ReplicaConnection:
             if self._cancel is not None:
                 self._cancel.cancel()
 
-    def close_if_idle(self, now: float) -> bool:
+    def close_if_idle(self, now: float) -> None:
         """Called by the core's sweep (one timer for all connections, instead of a cancel scope
         around every read: that was measurable per heartbeat)."""
         if self.closing or now - self.last_heard < self._settings.idle_timeout_s:
-            return False
+            return
         log.info(
             "closing idle connection library=%s user=%s replica=%s",
             self.library_id, self.user_id, self.replica_id,
         )
         self.close_soon(CLOSE_IDLE, "idle: no message or heartbeat")
-        return True
 
     async def _reader(self) -> None:
         errors = 0

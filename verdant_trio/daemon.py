@@ -1,8 +1,8 @@
 """The server process: the nursery tree that owns the core and the HTTP server, and its signals.
 
 Nursery tree: `run_daemon` (signals, watchdog) → `Server.serve` → core (library tasks) →
-listeners (sync sockets; hypercorn for the rest). Readiness is `task_status.started(binds)` once the sockets
-listen; only then is systemd told `READY=1`.
+listeners (sync sockets; hypercorn for the rest). Readiness is `task_status.started(binds)`
+once the sockets listen; only then is systemd told `READY=1`.
 
 Shutdown (SIGTERM or SIGINT) is ordered: systemd hears `STOPPING=1`; new websockets are refused
 and open ones closed with 1001 "going away"; the listeners stop accepting and give requests in
@@ -171,8 +171,7 @@ class Server:
                     listeners = Listeners(
                         asgi,
                         hypercorn_config(settings),
-                        sync_path=settings.app.sync_path,
-                        max_message_bytes=settings.max_message_bytes,
+                        is_sync_path=asgi.is_sync_path,
                         sync_socket=asgi.stream_socket,
                     )
                     binds = await nursery.start(

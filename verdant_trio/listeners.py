@@ -15,6 +15,7 @@ graceful timeout before cancelling them (the core has already closed sync socket
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket as stdlib_socket
@@ -31,8 +32,9 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from .connections import Disconnected
+from .connections import CLOSE_NORMAL, Disconnected
 from .frames import (
+    CLOSE_NO_STATUS,
     MAX_HEAD_BYTES,
     OP_PONG,
     OP_TEXT,
@@ -98,10 +100,6 @@ class StreamWebSocket:
         self._peer_closed = False
         """Set when the peer's close frame or end of stream arrived: nothing more to read."""
 
-    @property
-    def closed(self) -> bool:
-        return self._close_sent or self._peer_closed
-
     async def _write(self, *parts: bytes, control: bool = False) -> None:
         while self._writing:
             if self._write_done is None:
@@ -138,9 +136,16 @@ class StreamWebSocket:
             self._torn = True
             raise Disconnected() from None
 
-    async def send_raw(self, data: bytes) -> None:
-        """Bytes outside the frame layer: the handshake answer."""
-        await self._write(data, control=True)
+    async def accept(self, key: str, subprotocol: str | None) -> None:
+        """Answer the upgrade request: the socket is open."""
+        await self._write(accept_response(key, subprotocol), control=True)
+
+    async def refuse(self, status: int, body: bytes) -> None:
+        """Answer the upgrade request with an HTTP error instead (bounded by the caller)."""
+        try:
+            await self._write(refusal_response(status, body), control=True)
+        except Disconnected:
+            pass
 
     async def send(self, text: str) -> None:
         if self._close_sent:
@@ -167,15 +172,12 @@ class StreamWebSocket:
                 if self._peer_closed:
                     raise Disconnected()
                 try:
-                    data = os.read(self._socket.fileno(), RECEIVE_BYTES)
-                except BlockingIOError:
                     try:
+                        data = os.read(self._socket.fileno(), RECEIVE_BYTES)
+                    except BlockingIOError:
                         await trio.lowlevel.wait_readable(self._socket)
-                    except _TRANSPORT_ERRORS:
-                        self._peer_closed = True
-                        raise Disconnected() from None
-                    waited = True
-                    continue
+                        waited = True
+                        continue
                 except _TRANSPORT_ERRORS:
                     self._peer_closed = True
                     raise Disconnected() from None
@@ -192,18 +194,17 @@ class StreamWebSocket:
             elif isinstance(event, Close):
                 self._peer_closed = True
                 # Echo the peer's code, as RFC 6455 §5.5.1 asks; the close is then complete.
-                await self._send_close(1000 if event.code == 1005 else event.code, "")
+                await self._send_close(
+                    CLOSE_NORMAL if event.code == CLOSE_NO_STATUS else event.code, ""
+                )
                 raise Disconnected()
 
-    async def _send_close(self, code: int, reason: str) -> bool:
+    async def _send_close(self, code: int, reason: str) -> None:
         if self._close_sent or self._torn:
-            return False
+            return
         self._close_sent = True
-        try:
+        with contextlib.suppress(Disconnected):
             await self._write(close_frame(code, reason), control=True)
-        except Disconnected:
-            return False
-        return True
 
     async def close(self, code: int, reason: str) -> None:
         """Send our close frame, then wait (the caller bounds it) for the peer to end the stream.
@@ -280,14 +281,13 @@ class Listeners:
         asgi: Any,
         config: HypercornConfig,
         *,
-        sync_path: str,
-        max_message_bytes: int,
+        is_sync_path: Callable[[str], bool],
         sync_socket: SyncSocketHandler,
     ) -> None:
+        """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's."""
         self._app = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
         self._config = config
-        self._sync_path = sync_path.rstrip("/")
-        self._max_message_bytes = max_message_bytes
+        self._is_sync_path = is_sync_path
         self._sync_socket = sync_socket
         self._context = WorkerContext(None)
         self._lifespan_state: LifespanState = {}
@@ -340,10 +340,9 @@ class Listeners:
                 return
             end = head_length(first)
             upgrade = parse_upgrade(first[:end]) if end else None
-            if upgrade is not None and upgrade.path.rstrip("/") == self._sync_path:
-                transport = StreamWebSocket(
-                    stream, MessageReader(self._max_message_bytes, first[end:])
-                )
+            if upgrade is not None and self._is_sync_path(upgrade.path):
+                reader = MessageReader(self._config.websocket_max_message_size, first[end:])
+                transport = StreamWebSocket(stream, reader)
                 await self._sync_socket(upgrade, transport, _peer(stream))
                 return
             await TCPServer(
@@ -363,17 +362,3 @@ def _peer(stream: trio.SocketStream) -> str:
     if stream.socket.family in (stdlib_socket.AF_INET, stdlib_socket.AF_INET6):
         return str(address[0])
     return str(address) or "unix"
-
-
-async def refuse(transport: StreamWebSocket, status: int, body: bytes) -> None:
-    """Answer the upgrade request with an HTTP error (bounded by the caller)."""
-    try:
-        await transport.send_raw(refusal_response(status, body))
-    except Disconnected:
-        pass
-
-
-async def accept_upgrade(
-    transport: StreamWebSocket, upgrade: UpgradeRequest, subprotocol: str | None
-) -> None:
-    await transport.send_raw(accept_response(upgrade.key, subprotocol))

@@ -147,7 +147,6 @@ class PrometheusObserver:
             registry=r,
         )
 
-
     # -- observe.Observer -------------------------------------------------------------------
 
     def connection_opened(self, transport: str, replica_type: int) -> None:
