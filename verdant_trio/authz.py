@@ -2,8 +2,10 @@
 
 A key is `base64("u:<user>:*")`: the data belongs to that user only. Pure: no I/O.
 
-`key_problem` says whether a string is a key at all, whoever sends it (the protocol refuses
-anything else).
+Two rules meet here. `key_problem` says whether a string is a key at all, whoever sends it
+(the protocol refuses anything else). `claim` says whether the sender may use it: only for
+itself, since a key naming someone else would let one user plant data that only another sees,
+and rewrites the forms of the sender's own key that real clients send into the one we store.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 ORIGINATOR_SUBJECT: Final = "$$_originator_$$"
@@ -23,6 +25,9 @@ ALL_ACTIONS: Final = "*"
 
 def only_user(user_id: str) -> str:
     return base64.b64encode(f"u:{user_id}:*".encode()).decode()
+
+
+ORIGINATOR_KEY: Final = only_user(ORIGINATOR_SUBJECT)
 
 
 MAX_KEY_CHARS: Final = 512
@@ -72,6 +77,48 @@ def _key_problem(key: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _own_keys(user_id: str) -> tuple[str | None, frozenset[str]]:
+    """The key we store for data private to `user_id` (None when a key cannot name it) and
+    the other keys its own clients send for the same meaning."""
+    if ":" in user_id or not user_id:
+        return None, frozenset()
+    canonical = only_user(user_id)
+    aliases = {ORIGINATOR_KEY}
+    try:
+        aliases.add(base64.b64encode(f"u:{user_id}:*".encode("latin-1")).decode())
+    except UnicodeEncodeError:
+        pass  # btoa throws for such an id: no browser client sends this form
+    aliases.discard(canonical)
+    return canonical, frozenset(aliases)
+
+
+def claim(items: Sequence[dict[str, Any]], user_id: str) -> int | None:
+    """Make every key in `items` the sender's own stored key, or refuse.
+
+    Accepted: no key (public), the sender's key, the originator placeholder (a replica's "only
+    me": the current client rewrites it in `op` messages but not in its `sync` messages, which
+    go to the socket or the pull request directly, so offline edits arrive with it) and the
+    Latin-1 form a browser makes for the sender's id; the last two are rewritten to the
+    sender's key, in place. Returns the index of the first key naming anyone else, leaving
+    `items` untouched then. Keys must already be well-formed (`key_problem`).
+    """
+    canonical, aliases = _own_keys(user_id)
+    settled = (None, canonical)
+    # one comprehension over the common case: it runs for every operation of a large sync
+    others = [i for i, item in enumerate(items) if item.get("authz") not in settled]
+    for index in others:
+        if items[index]["authz"] not in aliases:
+            return index
+    for index in others:
+        items[index]["authz"] = canonical
+    return None
+
+
+def can_own_private_data(user_id: str) -> bool:
+    return _own_keys(user_id)[0] is not None
+
+
 def subject_of(key: str) -> str | None:
     """The user a stored key restricts data to, or None when the key cannot be read.
 
@@ -102,12 +149,3 @@ def filter_visible(items: Iterable[dict[str, Any]], user_id: str) -> list[dict[s
 
 def any_restricted(items: Iterable[dict[str, Any]]) -> bool:
     return any(item.get("authz") for item in items)
-
-
-def rewrite_originator(items: Iterable[dict[str, Any]], user_id: str) -> None:
-    """Give data a local-only replica marked "only me" to the user who now syncs it (in place)."""
-    replacement = only_user(user_id)
-    for item in items:
-        key = item.get("authz")
-        if key and subject_of(key) == ORIGINATOR_SUBJECT:
-            item["authz"] = replacement
