@@ -207,3 +207,81 @@ async def test_admin_api_requires_the_admin_token(server: RunningServer) -> None
         assert response.status_code == 401
         response = await http.get("/admin/libraries/nope", headers=server.admin_headers())
         assert response.status_code == 404 and response.json()["code"] == 4040
+
+
+MALFORMED_KEY = "%%%not-an-authz-key%%%"
+
+
+def initialize(oid: str, authz: str | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"oid": oid, "timestamp": timestamp(), "data": {"op": "initialize", "value": {"id": oid}}}
+    if authz is not None:
+        op["authz"] = authz
+    return op
+
+
+def bad_authz_message(kind: str, replica: str) -> tuple[dict[str, Any], str]:
+    """A message whose good parts come before one malformed key; the field it names."""
+    if kind == "op":
+        return {"type": "op", "replicaId": replica, "timestamp": timestamp(), "operations": [
+            initialize("items/good"), initialize("items/bad", MALFORMED_KEY)]}, "operations[1]"
+    return sync_message(
+        replica, since=timestamp(), operations=[initialize("items/good")],
+        baselines=[{"oid": "items/bad", "snapshot": {}, "timestamp": timestamp(), "authz": MALFORMED_KEY}],
+    ), "baselines[0]"
+
+
+async def library_counts(server: RunningServer) -> tuple[int, int]:
+    async with server.http() as http:
+        info = (await http.get("/admin/libraries/lib", headers=server.admin_headers())).json()
+    return info["operationsCount"], info["baselinesCount"]
+
+
+async def oids_a_fresh_replica_sees(server: RunningServer, user: str = "alice") -> set[str]:
+    status, body = await server.http_sync(server.token(user=user), [
+        sync_message(f"fresh-{timestamp()}", resyncAll=True)])
+    assert status == 200
+    (response,) = body["messages"]
+    return {item["oid"] for item in response["operations"] + response["baselines"]}
+
+
+@pytest.mark.parametrize("kind", ["op", "sync"])
+async def test_a_malformed_authz_key_refuses_the_whole_message_over_the_websocket(
+    server: RunningServer, kind: str
+) -> None:
+    with trio.fail_after(20):
+        async with connect(server.sync_url, server.token()) as client:
+            assert (await client.sync("r1", operations=[initialize("items/seed")]))["type"] == "sync-resp"
+            before = await library_counts(server)
+            message, field = bad_authz_message(kind, "r1")
+            await client.send(message)
+            error = await client.wait_for("error")
+            assert error["code"] == 4000
+            assert f"'{kind}' message {field}: 'authz' is not base64" in error["message"]
+            # the connection keeps working, and what it sends next is the only thing stored
+            await client.op("r1", [initialize("items/after")])
+            await client.wait_for("server-ack")
+    assert await library_counts(server) == (before[0] + 1, before[1])
+    assert await oids_a_fresh_replica_sees(server) == {"items/seed", "items/after"}
+
+
+@pytest.mark.parametrize("kind", ["op", "sync"])
+async def test_a_malformed_authz_key_over_http_is_a_400_before_any_message_is_handled(
+    server: RunningServer, kind: str
+) -> None:
+    token = server.token()
+    status, _ = await server.http_sync(token, [sync_message("r1", operations=[initialize("items/seed")])])
+    assert status == 200
+    before = await library_counts(server)
+    message, field = bad_authz_message(kind, "r1")
+    # a well-formed op first: it is not handled either
+    status, body = await server.http_sync(token, [
+        {"type": "op", "replicaId": "r1", "timestamp": timestamp(), "operations": [initialize("items/first")]},
+        message,
+    ])
+    assert status == 400 and body["code"] == 4000
+    assert f"'{kind}' message {field}: 'authz'" in body["message"]
+    assert await library_counts(server) == before
+    status, body = await server.http_sync(token, [
+        {"type": "op", "replicaId": "r1", "timestamp": timestamp(), "operations": [initialize("items/after")]}])
+    assert status == 200 and [m["type"] for m in body["messages"]] == ["server-ack"]
+    assert await oids_a_fresh_replica_sees(server) == {"items/seed", "items/after"}

@@ -395,3 +395,103 @@ def test_private_operations_beside_public_baselines_in_a_reset(h: Harness) -> No
         assert resp["overwriteLocalData"] is True
         assert [b["oid"] for b in resp["baselines"]] == ["items/1"]
         assert [o["oid"] for o in resp["operations"]] == visible
+
+
+def private_op(oid: str, ts: str, key: str, value: Any = None) -> dict[str, Any]:
+    return {**op(oid, ts, {"op": "initialize", "value": value or {"v": oid}}), "authz": key}
+
+
+def refusal(peer: RecordingPeer) -> dict[str, Any]:
+    """The `forbidden` and the error saying why, and nothing else, are what the sender got."""
+    forbidden, error = peer.take()
+    assert forbidden == {"type": "forbidden"}
+    assert error["type"] == "error" and error["code"] == 4030
+    return error
+
+
+def test_an_op_private_to_another_user_is_refused_whole(h: Harness) -> None:
+    from verdant_trio.authz import only_user
+
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    h.sync(b, "rb", t(3))
+    a.take(), b.take()
+    before = h.core.info()
+    outcome = h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(6), "operations": [
+        op("items/ok", t(4), {"op": "initialize", "value": {}}),
+        private_op("items/planted", t(5), only_user("bob")),
+    ]})
+    error = refusal(a)
+    assert "operations[1]" in error["message"] and "base64('u:alice:*')" in error["message"]
+    assert b.take() == []  # bob hears of nothing, neither op
+    assert outcome.stored == 0 and not outcome.changed_history
+    assert h.core.info() == before  # no operation, no acknowledged time, no touch
+    assert [o.oid for o in h.shard.operations_after(0)] == ["items/1"]
+
+
+def test_a_sync_with_a_baseline_private_to_another_user_stores_nothing(h: Harness) -> None:
+    from verdant_trio.authz import only_user
+
+    m = h.peer("mallory")
+    h.send(m, {
+        "type": "sync", "replicaId": "rm", "timestamp": t(3), "schemaVersion": 1, "since": None,
+        "operations": [op("items/1", t(1), {"op": "initialize", "value": {}})],
+        "baselines": [{"oid": "items/0", "snapshot": {}, "timestamp": t(1)},
+                      {"oid": "items/2", "snapshot": {"x": 1}, "timestamp": t(2), "authz": only_user("alice")}],
+    })
+    assert "baselines[1]" in refusal(m)["message"]
+    assert h.core.info() is None  # not even a replica record: the library is still empty
+    assert m.replica_id is None
+
+
+def test_the_originator_placeholder_means_the_sender_in_a_library_with_data(h: Harness) -> None:
+    """The client sends offline private edits in its opening `sync` with the placeholder; the
+    reference rewrote it only when the sync had nothing to send back, so when someone else had
+    written meanwhile the edits were stored with it and reached nobody, not even the sender's
+    other devices."""
+    from verdant_trio.authz import ORIGINATOR_KEY, only_user
+
+    a = h.peer("alice")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    h.ack_all(a, "ra", t(2))
+    h.core.detach(a)  # alice goes offline
+    a2, b = h.peer("alice"), h.peer("bob")
+    h.sync(a2, "ra2", t(3))
+    h.sync(b, "rb", t(4))
+    h.send(b, {"type": "op", "replicaId": "rb", "timestamp": t(5),
+               "operations": [op("items/2", t(5), {"op": "initialize", "value": {"v": 2}})]})
+    a2.take(), b.take()
+    h.core.attach(a)
+    offline = private_op("notes/1", t(6), ORIGINATOR_KEY, {"t": "written offline"})
+    resp = h.sync(a, "ra", t(7), operations=[offline], since=t(2))
+    assert resp["type"] == "sync-resp" and resp["overwriteLocalData"] is False
+    assert [o["oid"] for o in resp["operations"]] == ["items/2"]
+    stored = [o for o in h.shard.operations_after(0) if o.oid == "notes/1"]
+    assert [o.authz for o in stored] == [only_user("alice")]
+    (rebroadcast,) = a2.take("op-re")
+    assert [o["authz"] for o in rebroadcast["operations"]] == [only_user("alice")]
+    assert [o for m in b.take("op-re") for o in m["operations"]] == []  # still private
+    for user, replica, visible in (("alice", "ra3", ["items/1", "items/2", "notes/1"]),
+                                   ("bob", "rb2", ["items/1", "items/2"])):
+        resp = h.sync(h.peer(user), replica, t(8))
+        assert [o["oid"] for o in resp["operations"]] == visible
+
+
+def test_an_op_with_the_placeholder_is_private_to_its_sender(h: Harness) -> None:
+    from verdant_trio.authz import ORIGINATOR_KEY, only_user
+
+    a = h.peer("alice")
+    h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(4),
+               "operations": [private_op("notes/2", t(3), ORIGINATOR_KEY)]})
+    assert [o.authz for o in h.shard.operations_after(0) if o.oid == "notes/2"] == [only_user("alice")]
+
+
+def test_a_user_id_with_a_colon_is_told_it_cannot_own_private_data(h: Harness) -> None:
+    from verdant_trio.authz import ORIGINATOR_KEY
+
+    g = h.peer("github:123")
+    h.send(g, {"type": "op", "replicaId": "rg", "timestamp": t(2),
+               "operations": [private_op("notes/1", t(1), ORIGINATOR_KEY)]})
+    assert "cannot own private data" in refusal(g)["message"]
+    assert h.shard.operation_count() == 0

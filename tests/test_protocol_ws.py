@@ -254,3 +254,78 @@ async def test_push_tokens_may_not_open_a_websocket(server: RunningServer) -> No
         async with connect(server.sync_url, server.token(type=ReplicaType.PUSH)):
             pass
     assert "403" in str(info.value)
+
+
+async def visible_oids(server: RunningServer, user: str) -> set[str]:
+    """What a fresh replica of `user` receives."""
+    status, body = await server.http_sync(server.token(user=user), [
+        {"type": "sync", "replicaId": f"fresh-{timestamp()}", "timestamp": timestamp(), "operations": [],
+         "baselines": [], "schemaVersion": 1, "since": None, "resyncAll": True}
+    ])
+    assert status == 200
+    (response,) = body["messages"]
+    return {item["oid"] for item in response["operations"] + response["baselines"]}
+
+
+async def test_data_private_to_another_user_is_forbidden_and_stores_nothing(server: RunningServer) -> None:
+    """Mallory may not plant data that only bob sees, nor write into bob's private documents."""
+    bob_only = base64.b64encode(b"u:bob:*").decode()
+    with trio.fail_after(20):
+        async with connect(server.sync_url, server.token(user="bob")) as b:
+            await b.sync("rb", operations=[initialize("notes/bob", {"t": "bob's"}, authz=bob_only)])
+            async with connect(server.sync_url, server.token(user="mallory")) as m:
+                await m.sync("rm")
+                before = await admin_info(server)
+                await m.op("rm", [initialize("items/fine", {"v": 1}), set_op("notes/bob", "t", "pwned") | {"authz": bob_only}])
+                assert (await m.wait_for("forbidden")) == {"type": "forbidden"}
+                error = await m.wait_for("error")
+                assert error["code"] == 4030 and "'op' message operations[1]" in error["message"]
+                assert "base64('u:mallory:*')" in error["message"]
+                resp = await m.sync("rm", since=timestamp(), operations=[initialize("items/fine2", {"v": 2})], baselines=[
+                    {"oid": "notes/planted", "snapshot": {"t": "only bob sees this"}, "timestamp": timestamp(), "authz": bob_only}])
+                assert resp == {"type": "forbidden"}
+                assert "'sync' message baselines[0]" in (await m.wait_for("error"))["message"]
+                # the connection keeps working
+                await m.op("rm", [initialize("items/after", {"v": 3})])
+                await m.wait_for("server-ack")
+                # the first thing bob hears of is the op that was allowed
+                assert [op["oid"] for op in (await b.wait_for("op-re"))["operations"]] == ["items/after"]
+    after = await admin_info(server)
+    assert after["operationsCount"] == before["operationsCount"] + 1
+    assert after["baselinesCount"] == before["baselinesCount"]
+    assert await visible_oids(server, "bob") == {"notes/bob", "items/after"}
+    assert await admin_document(server, "notes", "bob") == {"t": "bob's"}
+    # over HTTP: the same refusal among the answers, nothing stored
+    status, body = await server.http_sync(server.token(user="mallory"), [
+        {"type": "op", "replicaId": "rm", "timestamp": timestamp(), "operations": [initialize("notes/planted", {}, authz=bob_only)]}])
+    assert status == 200
+    assert [m["type"] for m in body["messages"]] == ["forbidden", "error"]
+    assert body["messages"][1]["code"] == 4030
+    assert (await admin_info(server))["operationsCount"] == after["operationsCount"]
+
+
+async def test_offline_private_edits_with_the_placeholder_reach_the_senders_other_devices(
+    server: RunningServer,
+) -> None:
+    """The client's opening `sync` carries its offline edits with the originator placeholder.
+    The reference rewrote it only when the sync had nothing to send back, so edits made while
+    someone else wrote were stored with it and reached nobody."""
+    only_me = base64.b64encode(b"u:$$_originator_$$:*").decode()
+    with trio.fail_after(20):
+        async with connect(server.sync_url, server.token(user="carol")) as c:
+            await c.sync("rc", operations=[initialize("items/1", {"v": 1})])
+        async with connect(server.sync_url, server.token(user="dave")) as d:
+            await d.sync("rd", resync_all=True)
+            await d.op("rd", [initialize("items/2", {"v": 2})])  # while carol is offline
+            await d.wait_for("server-ack")
+        async with connect(server.sync_url, server.token(user="carol")) as c, connect(
+            server.sync_url, server.token(user="carol")
+        ) as c2:
+            await c2.sync("rc2", resync_all=True)
+            resp = await c.sync("rc", since=timestamp(), operations=[initialize("notes/offline", {"t": "mine"}, authz=only_me)])
+            assert resp["type"] == "sync-resp" and resp["overwriteLocalData"] is False
+            assert [op["oid"] for op in resp["operations"]] == ["items/2"]
+            (op,) = (await c2.wait_for("op-re"))["operations"]
+            assert op["oid"] == "notes/offline" and base64.b64decode(op["authz"]) == b"u:carol:*"
+    assert await visible_oids(server, "carol") == {"items/1", "items/2", "notes/offline"}
+    assert await visible_oids(server, "dave") == {"items/1", "items/2"}

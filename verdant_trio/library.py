@@ -22,6 +22,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from . import authz, patches
+from .errors import ErrorCode
 from .presence import PresenceState
 from .protocol import (
     Ack,
@@ -219,6 +220,8 @@ class LibraryCore:
             )
             self._reply(out, peer, {"type": "forbidden"})
             return
+        if isinstance(message, (Op, Sync)) and not self._claim_authz(peer, message, out):
+            return
         peer.replica_id = replica_id
         if isinstance(message, Op):
             self._handle_op(peer, message, out)
@@ -236,6 +239,45 @@ class LibraryCore:
         # would make a truant replica look freshly seen when its sync is judged.
         if not isinstance(message, PresenceUpdate):
             self.shard.touch_replica(replica_id)
+
+    def _claim_authz(self, peer: Peer, message: Op | Sync, out: Outcome) -> bool:
+        """Private data may be private only to its sender; False (and the message refused
+        whole, nothing stored) when a key names anybody else.
+
+        Differs from the reference, which stores any key: user A could then write operations
+        that only user B receives (into B's private documents, or new ones only B sees). The
+        client has no API that makes data private to someone else; its own code sends another
+        user's key only when a local library synced by B is then synced with A's token, and
+        that too is writing into B's private data. The originator placeholder means the
+        sender, in every sync and op: the reference rewrote it only when a sync had nothing to
+        send back (its test for a new library) and stored it otherwise, so private edits made
+        offline while others wrote reached nobody, not even the sender's other devices.
+        """
+        kind = "op" if isinstance(message, Op) else "sync"
+        groups = [("operations", message.operations)]
+        if isinstance(message, Sync):
+            groups.append(("baselines", message.baselines))
+        for field_name, items in groups:
+            index = authz.claim(items, peer.user_id)
+            if index is None:
+                continue
+            log.warning(
+                "authz key naming another user refused library=%s replica=%s user=%s item=%s[%d]",
+                self.id, message.replica_id, peer.user_id, field_name, index,
+            )
+            if authz.can_own_private_data(peer.user_id):
+                expected = f"base64('u:{peer.user_id}:*')"
+            else:
+                expected = "nothing: a user id with ':' cannot own private data"
+            self._reply(out, peer, {"type": "forbidden"})
+            self._reply(out, peer, {
+                "type": "error",
+                "code": int(ErrorCode.FORBIDDEN),
+                "message": f"'{kind}' message {field_name}[{index}]: 'authz' must name the "
+                f"token's user (expected {expected}); data can be private only to its sender",
+            })
+            return False
+        return True
 
     def _replica_for(self, peer: Peer, replica_id: str) -> tuple[str, ReplicaRow]:
         """Get or create the replica record; returns its status: new, existing or truant."""
@@ -406,11 +448,6 @@ class LibraryCore:
         )
         baselines = self.shard.baselines_slice() if should_reset else EMPTY_SLICE
         is_empty = not operations.count and not baselines.count
-
-        if is_empty:
-            # A local-only replica marked its private data "only me" before it knew its user.
-            authz.rewrite_originator(message.operations, peer.user_id)
-            authz.rewrite_originator(message.baselines, peer.user_id)
 
         overwrite = should_reset and not is_empty
         if is_empty and status == "new" and message.since is not None:

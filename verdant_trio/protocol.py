@@ -19,6 +19,8 @@ from typing import Any, Final, TypeAlias, Union
 
 import orjson
 
+from . import authz
+
 MAX_ID_CHARS: Final = 512
 """Replica ids, oids and timestamps are short strings in practice; this bounds hostile ones."""
 MAX_INDEX: Final = 2**53
@@ -253,12 +255,25 @@ def _check_patch(patch: Any, where: str) -> None:
         raise ProtocolError(f"{where}: 'op' must be a string")
 
 
+def _authz(key: Any, where: str) -> None:
+    """A key that is present and not null (public data) must be well-formed. Whether the
+    sender may use it is the library's decision (it depends on the token's user). Callers
+    test for the key first: most operations have none, and this runs for each of a sync's."""
+    if not isinstance(key, str):
+        raise ProtocolError(f"{where}: 'authz' must be a string or null, got {_kind(key)}")
+    problem = authz.key_problem(key)
+    if problem is not None:
+        raise ProtocolError(f"{where}: 'authz' {problem}; expected null or base64('u:<user>:*')")
+
+
 def check_operation(item: Any, where: str) -> Operation:
     if not isinstance(item, dict):
         raise ProtocolError(f"{where}: an operation must be an object, got {_kind(item)}")
     _req_str(item, "oid", where)
     _req_str(item, "timestamp", where)
-    _str(item, "authz", where, optional=True)
+    key = item.get("authz")
+    if key is not None:
+        _authz(key, where)
     _check_patch(item.get("data"), where)
     return item
 
@@ -268,7 +283,9 @@ def check_baseline(item: Any, where: str) -> Baseline:
         raise ProtocolError(f"{where}: a baseline must be an object, got {_kind(item)}")
     _req_str(item, "oid", where)
     _req_str(item, "timestamp", where)
-    _str(item, "authz", where, optional=True)
+    key = item.get("authz")
+    if key is not None:
+        _authz(key, where)
     snapshot = item.get("snapshot")
     if snapshot is not None and not isinstance(snapshot, (dict, list)):
         raise ProtocolError(f"{where}: 'snapshot' must be an object, an array or null")
