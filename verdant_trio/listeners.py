@@ -52,6 +52,7 @@ from .frames import (
     parse_upgrade,
     refusal_response,
 )
+from .linger import LingerSettings, lingering_close
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class ReplayStream(trio.abc.HalfCloseableStream):
     """The stream hypercorn serves a connection on: the bytes `_handle` already read, handed out
     again, then the socket's. The socket stays `_handle`'s: hypercorn's `send_eof` and `aclose`
     end hypercorn's use of the stream, and `_handle` closes the socket once `TCPServer.run` has
-    returned.
+    returned, with a lingering close when hypercorn ended the connection after a request.
 
     Why hypercorn's close must not reach the socket: `TCPServer` serialises its `send_all`
     calls with its `send_lock`, but `_close` calls `send_eof` and `aclose` without it, from
@@ -341,12 +342,15 @@ class Listeners:
         *,
         is_sync_path: Callable[[str], bool],
         sync_socket: SyncSocketHandler,
+        linger: LingerSettings | None = None,
     ) -> None:
-        """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's."""
+        """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's;
+        `linger` bounds the draining of a connection hypercorn closed after a request."""
         self._app = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
         self._config = config
         self._is_sync_path = is_sync_path
         self._sync_socket = sync_socket
+        self._linger = linger or LingerSettings()
         self._context = WorkerContext(None)
         self._lifespan_state: LifespanState = {}
 
@@ -409,6 +413,9 @@ class Listeners:
                 ConnectionState(self._lifespan_state.copy()),
                 served,  # type: ignore[arg-type]  # duck-typed: see ReplayStream
             )
+            if served.half_closed and not served.peer_ended:
+                # the client may still be sending the body of the request just answered
+                await lingering_close(stream, self._linger, _peer(stream))
         finally:
             await trio.aclose_forcefully(stream)
 
