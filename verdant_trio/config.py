@@ -33,6 +33,7 @@ from .connections import ConnectionSettings
 from .core import CoreSettings
 from .files import DEFAULT_MAX_UPLOAD_BYTES
 from .libraries import LibrarySettings
+from .linger import LingerSettings
 from .logs import LOG_FORMATS, LOG_LEVELS, LogSettings
 from .profiles import ProfileSource, load_callable
 
@@ -70,6 +71,8 @@ class ServerSettings:
     graceful_timeout_s: float = 10.0
     stalled_peer_timeout_s: float = 30.0
     """Abort a connection whose peer acknowledges none of our data for this long (TCP)."""
+    linger: LingerSettings = field(default_factory=LingerSettings)
+    """How long, and how much, a connection closed after a refusal may still send."""
     files_dir: Path | None = None
     files_public_url: str | None = None
     """Base URL of file links (the public origin behind a proxy); default: the request's."""
@@ -342,6 +345,7 @@ SECTIONS: Final = {
 _LIB = LibrarySettings
 _CORE = CoreSettings
 _CONN = ConnectionSettings
+_LINGER = LingerSettings
 
 SCHEMA: Final[tuple[Key, ...]] = (
     Key("server", "host", text, "127.0.0.1",
@@ -414,6 +418,16 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "Abort a connection whose peer acknowledges none of our data for this long (a\n"
         "client that stopped reading, or vanished): the kernel's TCP_USER_TIMEOUT, Linux.\n"
         "A slow consumer's close (1013) also waits up to this long for it to read on."),
+    Key("limits", "linger_timeout_s", number(at_least=0), _default(_LINGER, "timeout_s"),
+        "An HTTP connection closed after an answer (often a refusal, 413/401/400, sent before\n"
+        "the request's body arrived) is still read, and what the client sends is discarded,\n"
+        "so that clients that write their whole body before reading (fetch, urllib) get the\n"
+        "answer instead of a reset. For this long at most; 0 turns it off."),
+    Key("limits", "linger_read_timeout_s", number(above=0), _default(_LINGER, "read_timeout_s"),
+        "While lingering, a client that sends nothing for this long is closed."),
+    Key("limits", "linger_max_bytes", integer(0), _default(_LINGER, "max_bytes"),
+        "While lingering, bytes discarded at most; past them the connection is reset. Keep it\n"
+        "above [files] max_upload_bytes so that a refused upload can be read to its end."),
     Key("limits", "shutdown_timeout_s", number(at_least=0), 10.0,
         "On SIGTERM, how long requests in flight get to finish before they are cancelled."),
     Key("profiles", "url", http_url(placeholder="{user_id}"), None,
@@ -630,6 +644,11 @@ def build_settings(
         max_message_bytes=max_message_bytes,
         graceful_timeout_s=v("limits", "shutdown_timeout_s"),
         stalled_peer_timeout_s=v("limits", "stalled_peer_timeout_s"),
+        linger=LingerSettings(
+            timeout_s=v("limits", "linger_timeout_s"),
+            read_timeout_s=v("limits", "linger_read_timeout_s"),
+            max_bytes=v("limits", "linger_max_bytes"),
+        ),
         files_dir=v("files", "root") if v("files", "enabled") else None,
         files_public_url=v("files", "public_url") or public_url,
         public_url=public_url,

@@ -173,6 +173,7 @@ class Server:
                         hypercorn_config(settings),
                         is_sync_path=asgi.is_sync_path,
                         sync_socket=asgi.stream_socket,
+                        linger=settings.linger,
                     )
                     binds = await nursery.start(
                         partial(listeners.serve, shutdown_trigger=shutdown_trigger)

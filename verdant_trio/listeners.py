@@ -52,6 +52,7 @@ from .frames import (
     parse_upgrade,
     refusal_response,
 )
+from .linger import LingerSettings, lingering_close
 
 log = logging.getLogger(__name__)
 
@@ -225,35 +226,93 @@ class StreamWebSocket:
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream whose first bytes were already read: hands them out again, then delegates.
+    """The stream hypercorn serves a connection on: the bytes `_handle` already read, handed out
+    again, then the socket's. The socket stays `_handle`'s: hypercorn's `send_eof` and `aclose`
+    end hypercorn's use of the stream, and `_handle` closes the socket once `TCPServer.run` has
+    returned, with a lingering close when hypercorn ended the connection after a request.
 
-    Hypercorn's TCPServer reads `socket` for the addresses and finds no `do_handshake` (so it
-    knows the stream is plain TCP); everything else is the stream's own.
+    Why hypercorn's close must not reach the socket: `TCPServer` serialises its `send_all`
+    calls with its `send_lock`, but `_close` calls `send_eof` and `aclose` without it, from
+    whichever task learns that the connection ends. When a client closes while its request's
+    body is unfinished (it read a refusal's head and left), the reader task gets h11's
+    protocol error and runs `_close` while an app task is between the refusal's head and its
+    body. Trio's `send_eof` holds the stream's send conflict detector across a checkpoint; the
+    app's `send_all` arriving then raises `BusyResourceError`, which hypercorn's `protocol_send`
+    does not catch ("Error in ASGI Framework"); in the other order `aclose` closes the socket
+    under a send in progress. Here nothing of hypercorn's close touches the socket: a send in
+    progress completes, later sends and receives raise `ClosedResourceError` (hypercorn takes
+    that as the connection ending; a receive in progress is woken with it), and the FIN and the
+    close come after every hypercorn task has ended. This leans on `TCPServer`'s structure,
+    which is why hypercorn's minor version is pinned.
+
+    Neither is a cancel point either: after a response with `Connection: close` hypercorn runs
+    `_close` in the app's task, and Quart cancels that task as soon as its response is sent. A
+    cancellable checkpoint in `send_eof` skipped the `aclose` after it, and a connection whose
+    refusal came from Quart (an HTTP sync POST with a bad token or too big a body) stayed open,
+    its body read and thrown away for as long as the client kept sending.
+
+    Hypercorn reads `socket` for the addresses and finds no `do_handshake` (so it knows the
+    stream is plain TCP).
     """
 
     def __init__(self, stream: trio.SocketStream, replay: bytes) -> None:
         self._stream = stream
         self._replay = replay
         self.socket = stream.socket
+        self._closed = False
+        self._receiving: trio.CancelScope | None = None
+        """Exists while a receive waits on the socket, so that `aclose` can end it."""
+        self.half_closed = False
+        """Hypercorn called `send_eof` before `aclose`: its `_close`, which ends a connection
+        after a request (a response with `Connection: close`, a broken request), not the idle
+        timeout's close of a connection between requests."""
+        self.peer_ended = False
+        """The peer's end of stream or a reset was read: it sends nothing more."""
+
+    def _check_open(self) -> None:
+        if self._closed or self.half_closed:
+            raise trio.ClosedResourceError("hypercorn has closed this connection")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("hypercorn has closed this connection")
         if self._replay:
             data, self._replay = self._replay, b""
             await trio.lowlevel.checkpoint()
             return data
-        return await self._stream.receive_some(max_bytes)
+        with trio.CancelScope() as self._receiving:
+            try:
+                data = await self._stream.receive_some(max_bytes)
+            except trio.BrokenResourceError:
+                self.peer_ended = True
+                raise
+            finally:
+                self._receiving = None
+            if not data:
+                self.peer_ended = True
+            return data
+        raise trio.ClosedResourceError("hypercorn has closed this connection")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._check_open()
         await self._stream.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
         await self._stream.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        if self._closed:
+            raise trio.ClosedResourceError("hypercorn has closed this connection")
+        self.half_closed = True
+        # Not a cancel point, so that the `aclose` that follows happens: see the class docstring.
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._closed = True
+        if self._receiving is not None:
+            self._receiving.cancel()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def read_first_head(stream: trio.SocketStream, timeout_s: float) -> bytes:
@@ -283,12 +342,15 @@ class Listeners:
         *,
         is_sync_path: Callable[[str], bool],
         sync_socket: SyncSocketHandler,
+        linger: LingerSettings | None = None,
     ) -> None:
-        """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's."""
+        """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's;
+        `linger` bounds the draining of a connection hypercorn closed after a request."""
         self._app = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
         self._config = config
         self._is_sync_path = is_sync_path
         self._sync_socket = sync_socket
+        self._linger = linger or LingerSettings()
         self._context = WorkerContext(None)
         self._lifespan_state: LifespanState = {}
 
@@ -345,11 +407,15 @@ class Listeners:
                 transport = StreamWebSocket(stream, reader)
                 await self._sync_socket(upgrade, transport, _peer(stream))
                 return
+            served = ReplayStream(stream, first)
             await TCPServer(
                 self._app, self._config, self._context,
                 ConnectionState(self._lifespan_state.copy()),
-                ReplayStream(stream, first),  # type: ignore[arg-type]  # duck-typed: see ReplayStream
+                served,  # type: ignore[arg-type]  # duck-typed: see ReplayStream
             )
+            if served.half_closed and not served.peer_ended:
+                # the client may still be sending the body of the request just answered
+                await lingering_close(stream, self._linger, _peer(stream))
         finally:
             await trio.aclose_forcefully(stream)
 
