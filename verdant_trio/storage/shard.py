@@ -554,6 +554,12 @@ class Shard:
         self.conn.execute('DELETE FROM "DocumentBaseline"')
 
 
+def sqlite_memory_bytes() -> int:
+    """Memory SQLite holds in this process: every open shard's page cache (up to SQLite's
+    default `cache_size`, 2,000 KiB, each), prepared statements and schemas."""
+    return int(apsw.memory_used())
+
+
 def _synchronous(value: str) -> str:
     upper = value.upper()
     if upper not in ("OFF", "NORMAL", "FULL", "EXTRA"):
