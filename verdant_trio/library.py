@@ -157,6 +157,11 @@ class LibraryCore:
 
     def detach(self, peer: Peer) -> None:
         self.peers.pop(peer.key, None)
+        if peer.realtime and peer.replica_id is not None:
+            # Replicas come and go (every tab and device is a new replica id): what the shard
+            # caches about one goes with its connection. (Another connection of the same
+            # replica, if any, reads it again on its next message.)
+            self.shard.forget_replica(peer.replica_id)
 
     def user_is_connected(self, user_id: str) -> bool:
         return any(p.user_id == user_id and p.realtime for p in self.peers.values())
