@@ -435,3 +435,19 @@ def test_what_the_shard_caches_about_a_replica_goes_when_it_goes(h: Harness) -> 
     assert len(replica_statements(h, again, back)) == 2  # its owner, its last-seen time
     assert replica_statements(h, {**again, "timestamp": t(7)}, back) == []
 
+
+def test_a_message_handled_after_its_connection_went_keeps_data_not_presence(h: Harness) -> None:
+    """A connection's last messages can reach the library after its departure was handled:
+    the operation is stored, but a presence update must not bring the user back (nobody would
+    ever remove it: a ghost in every `peerPresence`), nor re-cache the replica."""
+    watcher, leaving = h.peer("alice"), h.peer("bob")
+    h.sync(watcher, "ra", t(1))
+    h.sync(leaving, "rb", t(2))
+    h.core.detach(leaving)
+    h.send(leaving, {"type": "op", "replicaId": "rb", "timestamp": t(3),
+                     "operations": [op("items/1", t(3), {"op": "initialize", "value": {}})]})
+    h.send(leaving, {"type": "presence-update", "replicaId": "rb", "presence": {"here": True}})
+    assert h.shard.operation_count() == 1
+    assert [m["type"] for m in watcher.take()] == ["op-re"]
+    assert h.core.presence.get("bob") is None
+    assert "rb" not in h.shard._owners and "rb" not in h.shard._touched_ms

@@ -225,6 +225,9 @@ class LibraryCore:
             self._reply(out, peer, {"type": "forbidden"})
             return
         peer.replica_id = replica_id
+        # A message read before its connection went and handled after the departure: its data
+        # is kept like any other, but nothing that means "this replica is here" is.
+        departed = peer.key not in self.peers
         if isinstance(message, Op):
             self._handle_op(peer, message, out)
         elif isinstance(message, Sync):
@@ -232,7 +235,8 @@ class LibraryCore:
         elif isinstance(message, Ack):
             self._handle_ack(message, out)
         elif isinstance(message, PresenceUpdate):
-            self._handle_presence(peer, message, out)
+            if not departed:  # else the user would stay "here" after `user_left` ran
+                self._handle_presence(peer, message, out)
         elif isinstance(message, Disconnecting):
             out.detach.append(peer)
         elif isinstance(message, SyncAck):
@@ -241,6 +245,8 @@ class LibraryCore:
         # would make a truant replica look freshly seen when its sync is judged.
         if not isinstance(message, PresenceUpdate):
             self.shard.touch_replica(replica_id)
+        if departed:
+            self.shard.forget_replica(replica_id)  # as `detach` did: nobody is here to use it
 
     def _replica_for(self, peer: Peer, replica_id: str) -> tuple[str, ReplicaRow]:
         """Get or create the replica record; returns its status: new, existing or truant."""
