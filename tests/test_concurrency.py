@@ -77,3 +77,37 @@ async def test_shutdown_closes_websockets_with_going_away(server_factory: Any) -
             await client.sync("r1")
             server.shutdown.set()
             assert await client.wait_closed() == 1001
+
+
+async def test_the_idle_sweep_keeps_no_departed_connection_alive(
+    tmp_path: Any, autojump_clock: trio.abc.Clock
+) -> None:
+    """The sweep sleeps between passes; what it swept last must not stay referenced from its
+    frame (on a server that goes quiet, indefinitely: a socket and its buffers)."""
+    import gc
+    import weakref
+
+    from verdant_trio.core import CoreSettings, VerdantCore
+    from verdant_trio.libraries import LibrarySettings
+
+    core = VerdantCore(
+        CoreSettings(LibrarySettings(databases_dir=tmp_path)), token_secret="s" * 32
+    )
+    swept = trio.Event()
+
+    class Connection:
+        def close_if_idle(self, now: float) -> None:
+            swept.set()
+
+    connection = Connection()
+    gone = weakref.ref(connection)
+    core.connections.add(connection)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(core._close_idle_connections)
+        await swept.wait()
+        core.connections.discard(connection)  # type: ignore[arg-type]
+        del connection
+        await trio.sleep(60)  # virtual time: many sweeps over no connection
+        gc.collect()
+        assert gone() is None
+        nursery.cancel_scope.cancel()

@@ -208,3 +208,69 @@ async def test_a_rolled_back_message_leaves_nothing_in_joined_replies(
         assert ack["timestamp"] == batch[2].timestamp
         snapshots = await host.call(lambda core: [core.object_snapshot(f"items/{n}") for n in (1, 2, 3)])
         assert snapshots == [{"n": 1}, None, {"n": 3}]
+
+
+@contextlib.asynccontextmanager
+async def busy(host: Any) -> AsyncIterator[None]:
+    """Hold the library inside a batch (a call blocked in its worker thread) for the block:
+    what connections do meanwhile waits in the inbox, as when a big sync is being handled."""
+    import threading
+
+    entered, release = trio.Event(), threading.Event()
+
+    def block(core: Any) -> None:
+        trio.from_thread.run_sync(entered.set)
+        release.wait(10)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(host.call, block)
+        with trio.fail_after(5):
+            await entered.wait()
+        try:
+            yield
+        finally:
+            release.set()
+
+
+async def test_a_peer_gone_before_its_attach_was_applied_is_never_attached(tmp_path: Path) -> None:
+    """A socket dropped right after the upgrade: its attach is still in the inbox when its
+    departure is handled. Applied afterwards, it would stay attached (and its user present) for
+    as long as the library runs: memory, a target in every broadcast, a ghost in presence."""
+    async with libraries(tmp_path) as registry, registry.use("lib") as host:
+        watcher, dropped = Peer(1, "alice"), Peer(2, "bob")
+        await host.attach(watcher)
+        async with busy(host):
+            await host.attach(dropped)
+            await host.submit(dropped, [message("presence-update", replicaId="rb", presence={})])
+            host.detach(dropped)
+        with trio.fail_after(5):
+            peers, presence = await host.call(lambda core: (set(core.peers), core.presence.all()))
+        assert peers == {watcher.key}
+        assert presence == {}
+        assert "presence-changed" not in watcher.kinds()
+
+
+async def test_presence_sent_just_before_a_close_does_not_outlive_the_connection(tmp_path: Path) -> None:
+    """The last messages of a connection reach the library after its departure was handled:
+    the operation is stored and rebroadcast, the presence update is not applied (the user has
+    already been reported offline)."""
+    async with libraries(tmp_path) as registry, registry.use("lib") as host:
+        watcher, leaving = Peer(1, "alice"), Peer(2, "bob")
+        for peer, replica in ((watcher, "ra"), (leaving, "rb")):
+            await host.attach(peer)
+            await host.submit(peer, [message("sync", replicaId=replica, timestamp="0001",
+                                             operations=[], baselines=[], since=None)], wait=True)
+        async with busy(host):
+            await host.submit(leaving, [
+                op_message("rb", "items/1", 1),
+                message("presence-update", replicaId="rb", presence={"here": True}),
+            ])
+            host.detach(leaving)
+        with trio.fail_after(5):
+            count, presence = await host.call(
+                lambda core: (core.shard.operation_count(), core.presence.all())
+            )
+        assert count == 1
+        assert presence == {}
+        assert (await settle(watcher, "op-re"))["operations"][0]["oid"] == "items/1"
+        assert "presence-changed" not in watcher.kinds()

@@ -495,3 +495,59 @@ def test_a_user_id_with_a_colon_is_told_it_cannot_own_private_data(h: Harness) -
                "operations": [private_op("notes/1", t(1), ORIGINATOR_KEY)]})
     assert "cannot own private data" in refusal(g)["message"]
     assert h.shard.operation_count() == 0
+
+
+def replica_statements(h: Harness, message: dict[str, Any], peer: RecordingPeer) -> list[str]:
+    """The statements handling `message` runs that read a replica's row or touch it."""
+    seen: list[str] = []
+
+    def trace(cursor: Any, sql: str, bindings: Any) -> bool:
+        if 'FROM "ReplicaInfo" WHERE id' in sql or "lastSeenWallClockTime = ?" in sql:
+            seen.append(sql)
+        return True
+
+    h.shard.conn.exec_trace = trace
+    try:
+        h.send(peer, message)
+    finally:
+        h.shard.conn.exec_trace = None
+    return seen
+
+
+def test_what_the_shard_caches_about_a_replica_goes_when_it_goes(h: Harness) -> None:
+    """Every tab or device is a new replica id: a departed one must not stay cached while the
+    shard is open, and a connected one must keep the saving (no owner SELECT, no last-seen
+    UPDATE per message)."""
+    stay, leave = h.peer("alice"), h.peer("bob")
+    h.sync(stay, "r-stay", t(1))
+    h.sync(leave, "r-leave", t(2))
+    for peer, replica in ((stay, "r-stay"), (leave, "r-leave")):
+        h.send(peer, {"type": "ack", "replicaId": replica, "timestamp": t(3)})  # now cached
+    ack = {"type": "ack", "replicaId": "r-stay", "timestamp": t(4)}
+    assert replica_statements(h, ack, stay) == []
+
+    h.core.detach(leave)
+    assert "r-leave" not in h.shard._owners and "r-leave" not in h.shard._touched_ms
+    assert replica_statements(h, {**ack, "timestamp": t(5)}, stay) == []
+    # it comes back on a new connection: read once, then cached again
+    back = h.peer("bob")
+    again = {"type": "ack", "replicaId": "r-leave", "timestamp": t(6)}
+    assert len(replica_statements(h, again, back)) == 2  # its owner, its last-seen time
+    assert replica_statements(h, {**again, "timestamp": t(7)}, back) == []
+
+
+def test_a_message_handled_after_its_connection_went_keeps_data_not_presence(h: Harness) -> None:
+    """A connection's last messages can reach the library after its departure was handled:
+    the operation is stored, but a presence update must not bring the user back (nobody would
+    ever remove it: a ghost in every `peerPresence`), nor re-cache the replica."""
+    watcher, leaving = h.peer("alice"), h.peer("bob")
+    h.sync(watcher, "ra", t(1))
+    h.sync(leaving, "rb", t(2))
+    h.core.detach(leaving)
+    h.send(leaving, {"type": "op", "replicaId": "rb", "timestamp": t(3),
+                     "operations": [op("items/1", t(3), {"op": "initialize", "value": {}})]})
+    h.send(leaving, {"type": "presence-update", "replicaId": "rb", "presence": {"here": True}})
+    assert h.shard.operation_count() == 1
+    assert [m["type"] for m in watcher.take()] == ["op-re"]
+    assert h.core.presence.get("bob") is None
+    assert "rb" not in h.shard._owners and "rb" not in h.shard._touched_ms

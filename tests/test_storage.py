@@ -160,3 +160,28 @@ def test_file_names_are_made_safe(name: str, expected: str) -> None:
 def test_long_file_names_keep_their_extension() -> None:
     name = safe_file_name("x" * 500 + ".jpeg")
     assert name.endswith(".jpeg") and len(name.encode()) <= 240
+
+
+def test_the_per_replica_caches_are_bounded(tmp_path: Path) -> None:
+    """Replica ids that never depart through a websocket (HTTP replicas) still cannot grow the
+    caches without bound: past the bound the oldest goes, and is read again when it speaks."""
+    from verdant_trio.protocol import ReplicaType
+    from verdant_trio.storage.shard import REPLICA_CACHE_ENTRIES, Shard
+
+    shard = Shard.open(tmp_path / "lib.sqlite")
+    ids = [f"r{i}" for i in range(REPLICA_CACHE_ENTRIES + 10)]
+    with shard.transaction():
+        for replica_id in ids:
+            shard.create_replica(replica_id, "alice", ReplicaType.PUSH)
+            assert shard.replica_owner(replica_id) == "alice"
+            shard.touch_replica(replica_id)
+    reads: list[str] = []
+    shard.conn.exec_trace = lambda cursor, sql, bindings: reads.append(sql) or True
+    assert shard.replica_owner(ids[-1]) == "alice"  # the newest: still cached
+    assert reads == []
+    assert shard.replica_owner(ids[0]) == "alice"  # the oldest: dropped, read again
+    assert len(reads) == 1
+    shard.conn.exec_trace = None
+    assert len(shard._owners) <= REPLICA_CACHE_ENTRIES
+    assert len(shard._touched_ms) <= REPLICA_CACHE_ENTRIES
+    shard.close()

@@ -130,9 +130,14 @@ class VerdantCore:
         interval_s = min(self.settings.connections.idle_timeout_s / 4, 5.0)
         while True:
             await trio.sleep(interval_s)
-            now = time.monotonic()
-            for connection in list(self.connections):
-                connection.close_if_idle(now)
+            self._sweep_idle(time.monotonic())
+
+    def _sweep_idle(self, now: float) -> None:
+        # A function of its own: a loop variable in the task above would keep the last
+        # connection it swept (socket, buffers) alive while the task sleeps, indefinitely on a
+        # server that goes quiet.
+        for connection in list(self.connections):
+            connection.close_if_idle(now)
 
     # -- access -----------------------------------------------------------------------------
 

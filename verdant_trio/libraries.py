@@ -169,6 +169,10 @@ class LibraryHost:
         self._observer = observer
         self._send, self._receive = trio.open_memory_channel[Envelope](settings.inbox_size)
         self._detached: list[Peer] = []
+        self._attach_queued: set[int] = set()
+        """Keys of peers whose attach is in the inbox, not applied yet. A peer that departs
+        meanwhile is taken out, and its attach is then dropped: applied after the departure, it
+        would stay attached (and its user present) for as long as the library runs."""
         self._http_leases: dict[str, tuple[float, str | None]] = {}
         self.refs = 0
         self.accepting = True
@@ -187,10 +191,16 @@ class LibraryHost:
     # -- used by connections and HTTP handlers ----------------------------------------------
 
     async def attach(self, peer: Peer) -> None:
-        await self._put(_Attach(peer))
+        self._attach_queued.add(peer.key)
+        try:
+            await self._put(_Attach(peer))
+        except BaseException:
+            self._attach_queued.discard(peer.key)
+            raise
 
     def detach(self, peer: Peer) -> None:
         """Never blocks: safe in a finally-block while the library is busy."""
+        self._attach_queued.discard(peer.key)
         self._detached.append(peer)
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(_WAKE)
@@ -374,7 +384,8 @@ class LibraryHost:
         core = self.core
         assert core is not None
         for envelope in batch:
-            if isinstance(envelope, _Attach):
+            if isinstance(envelope, _Attach) and envelope.peer.key in self._attach_queued:
+                self._attach_queued.discard(envelope.peer.key)
                 core.attach(envelope.peer)
         work: list[Work] = [e for e in batch if isinstance(e, (_Message, _Http, _Call))]
         if not work:

@@ -158,6 +158,11 @@ class LibraryCore:
 
     def detach(self, peer: Peer) -> None:
         self.peers.pop(peer.key, None)
+        if peer.realtime and peer.replica_id is not None:
+            # Replicas come and go (every tab and device is a new replica id): what the shard
+            # caches about one goes with its connection. (Another connection of the same
+            # replica, if any, reads it again on its next message.)
+            self.shard.forget_replica(peer.replica_id)
 
     def user_is_connected(self, user_id: str) -> bool:
         return any(p.user_id == user_id and p.realtime for p in self.peers.values())
@@ -223,6 +228,9 @@ class LibraryCore:
         if isinstance(message, (Op, Sync)) and not self._claim_authz(peer, message, out):
             return
         peer.replica_id = replica_id
+        # A message read before its connection went and handled after the departure: its data
+        # is kept like any other, but nothing that means "this replica is here" is.
+        departed = peer.key not in self.peers
         if isinstance(message, Op):
             self._handle_op(peer, message, out)
         elif isinstance(message, Sync):
@@ -230,7 +238,8 @@ class LibraryCore:
         elif isinstance(message, Ack):
             self._handle_ack(message, out)
         elif isinstance(message, PresenceUpdate):
-            self._handle_presence(peer, message, out)
+            if not departed:  # else the user would stay "here" after `user_left` ran
+                self._handle_presence(peer, message, out)
         elif isinstance(message, Disconnecting):
             out.detach.append(peer)
         elif isinstance(message, SyncAck):
@@ -239,6 +248,8 @@ class LibraryCore:
         # would make a truant replica look freshly seen when its sync is judged.
         if not isinstance(message, PresenceUpdate):
             self.shard.touch_replica(replica_id)
+        if departed:
+            self.shard.forget_replica(replica_id)  # as `detach` did: nobody is here to use it
 
     def _claim_authz(self, peer: Peer, message: Op | Sync, out: Outcome) -> bool:
         """Private data may be private only to its sender; False (and the message refused

@@ -26,6 +26,7 @@ from prometheus_client.exposition import choose_encoder
 from quart import Quart, Response, g, request
 
 from .protocol import ReplicaType
+from .storage.shard import sqlite_memory_bytes
 
 access_log = logging.getLogger("verdant_trio.access")
 
@@ -85,6 +86,12 @@ class PrometheusObserver:
         r = self.registry
         if process:
             ProcessCollector(registry=r)
+            Gauge(
+                "verdant_sqlite_memory_bytes",
+                "Memory SQLite holds in this process (page caches of open libraries, "
+                "statements): the part of the RSS that is cached data",
+                registry=r,
+            ).set_function(sqlite_memory_bytes)
         Gauge("verdant_build_info", "verdant-trio version", ["version"], registry=r).labels(
             package_version()
         ).set(1)

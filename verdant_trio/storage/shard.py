@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import apsw
 import orjson
@@ -22,8 +22,19 @@ import orjson
 from ..protocol import ReplicaType
 from .schema import migrate
 
+V = TypeVar("V")
 MS_PER_MINUTE: Final = 60_000
 MS_PER_DAY: Final = 86_400_000
+REPLICA_CACHE_ENTRIES: Final = 1024
+"""Bound on each per-replica cache of a shard (owners, last touches).
+
+A replica's entries go when its websocket goes (`forget_replica`), so in the usual case the
+caches hold only connected replicas. The bound is for ids that never "go": HTTP push/pull
+replicas and a connection that speaks for many replica ids. Past it the oldest entry is dropped;
+a dropped replica's next message costs one primary-key SELECT (and at most one last-seen
+UPDATE), so a library with more replicas than this connected at once stays correct and only
+loses part of the saving.
+"""
 
 
 @dataclass(slots=True)
@@ -149,7 +160,8 @@ class Shard:
         self.now_ms = now_ms
         self.closed = False
         # Per-message lookups a busy library would otherwise repeat thousands of times a
-        # second. Both are dropped on any rollback and by every write that changes them.
+        # second. Both are dropped on any rollback and by every write that changes them, lose
+        # a replica when its connection goes, and are bounded (`REPLICA_CACHE_ENTRIES`).
         self._owners: dict[str, str] = {}
         self._touched_ms: dict[str, int] = {}
 
@@ -209,6 +221,13 @@ class Shard:
     def forget_cached(self) -> None:
         self._owners.clear()
         self._touched_ms.clear()
+
+    def forget_replica(self, replica_id: str) -> None:
+        """The replica went away: what is cached about it goes too (it is read again, once, if
+        the replica comes back). Without this, every replica id a library ever saw (each tab,
+        each device) stayed cached for as long as the shard was open."""
+        self._owners.pop(replica_id, None)
+        self._touched_ms.pop(replica_id, None)
 
     def _row(self, sql: str, params: Sequence[Any] = ()) -> Sequence[Any]:
         row = self.conn.execute(sql, params).fetchone()
@@ -401,7 +420,8 @@ class Shard:
             row = self.replica(replica_id)
             if row is None:
                 return None
-            owner = self._owners[replica_id] = row.user_id
+            owner = row.user_id
+            _remember(self._owners, replica_id, owner)
         return owner
 
     def create_replica(self, replica_id: str, user_id: str, type: ReplicaType) -> ReplicaRow:
@@ -431,7 +451,7 @@ class Shard:
             (now, replica_id),
         )
         if self.conn.changes():
-            self._touched_ms[replica_id] = now
+            _remember(self._touched_ms, replica_id, now)
 
     def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
         self.conn.execute(
@@ -552,6 +572,21 @@ class Shard:
         self.forget_cached()
         self.conn.execute('DELETE FROM "OperationHistory"')
         self.conn.execute('DELETE FROM "DocumentBaseline"')
+
+
+def sqlite_memory_bytes() -> int:
+    """Memory SQLite holds in this process: every open shard's page cache (up to SQLite's
+    default `cache_size`, 2,000 KiB, each), prepared statements and schemas."""
+    return int(apsw.memory_used())
+
+
+def _remember(cache: dict[str, V], replica_id: str, value: V) -> None:
+    """Insert as the newest entry; past `REPLICA_CACHE_ENTRIES` the oldest goes (a dict keeps
+    insertion order, so this is first-in first-out, refreshed on every re-insert)."""
+    cache.pop(replica_id, None)
+    cache[replica_id] = value
+    if len(cache) > REPLICA_CACHE_ENTRIES:
+        del cache[next(iter(cache))]
 
 
 def _synchronous(value: str) -> str:
