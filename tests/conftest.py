@@ -15,8 +15,8 @@ import trio
 
 from verdant_trio.app import AppSettings
 from verdant_trio.config import ServerSettings
-from verdant_trio.core import CoreSettings
-from verdant_trio.daemon import serve
+from verdant_trio.core import CoreSettings, VerdantCore
+from verdant_trio.daemon import Server
 from verdant_trio.libraries import LibrarySettings
 from verdant_trio.protocol import ReplicaType
 from verdant_trio.tokens import TokenProvider
@@ -31,6 +31,13 @@ class RunningServer:
     settings: ServerSettings
     data_dir: Path
     shutdown: trio.Event
+    daemon: Server
+
+    @property
+    def core(self) -> VerdantCore:
+        """The running core, for tests that observe library state no client can see."""
+        assert self.daemon.core is not None
+        return self.daemon.core
 
     @property
     def sync_url(self) -> str:
@@ -88,12 +95,13 @@ async def running_server(
 ) -> AsyncIterator[RunningServer]:
     settings = make_settings(data_dir, **overrides)
     shutdown = trio.Event()
+    daemon = Server(settings)
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, settings, shutdown=shutdown))
+        binds = await nursery.start(partial(daemon.serve, shutdown=shutdown))
         port = int(binds[0].rsplit(":", 1)[1])
         settings = dataclasses.replace(settings, port=port)
         try:
-            yield RunningServer(f"http://127.0.0.1:{port}", settings, data_dir, shutdown)
+            yield RunningServer(f"http://127.0.0.1:{port}", settings, data_dir, shutdown, daemon)
         finally:
             shutdown.set()
 

@@ -28,6 +28,7 @@ class Replica:
     acked: list[dict[str, Any]] = field(default_factory=list)
     """Own operations the server acknowledged (`server-ack` or a `sync-resp` after resending)."""
     last_synced: str | None = None
+    heartbeats_sent: int = 0
     heartbeats_answered: int = 0
     op_re_received: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -143,6 +144,7 @@ class Replica:
                 await client.send({"type": "heartbeat"})
             except Closed:
                 return
+            self.heartbeats_sent += 1
 
 
 def initialize(replica: Replica, oid: str) -> dict[str, Any]:

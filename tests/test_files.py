@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from verdant_trio.client import connect, timestamp
+from verdant_trio.libraries import LibraryHost
 from verdant_trio.protocol import ReplicaType
 
 from .conftest import RunningServer
@@ -251,6 +252,8 @@ async def test_evicting_a_library_deletes_its_files(server: RunningServer) -> No
 
 
 async def test_unreferenced_files_are_deleted_when_everyone_leaves(server_factory: Any) -> None:
+    """Compaction marks the file; it stays while anyone is connected, even when someone else
+    leaves, and goes once the last one has left."""
     async with server_factory(libraries={"file_expiration_days": 0, "rebase_interval_s": 0.05}) as server:
         await upload(server, "pic", form("pic.png", b"png-bytes", "image/png"))
         file_ref = {"@@type": "file", "id": "pic"}
@@ -266,9 +269,37 @@ async def test_unreferenced_files_are_deleted_when_everyone_leaves(server_factor
             await client.op("ra", [{"oid": "items/2", "timestamp": t3, "data": {"op": "initialize", "value": {}}}])
             await client.wait_for("server-ack")
             await client.send({"type": "ack", "replicaId": "ra", "timestamp": timestamp()})
-            await trio.sleep(0.5)  # compaction runs once the library is idle
-            assert stored_files(server)  # still referenced by nobody, but people are here
+            host = server.core.libraries.active["lib"]
+            # The clean-up is started by the library's `on_empty` hook, called synchronously
+            # when the last peer is gone: recording it makes "not yet" observable.
+            clean_ups: list[int] = []
+            start_clean_up = host.on_empty
+            assert start_clean_up is not None
+
+            def recording(emptied: LibraryHost) -> None:
+                clean_ups.append(len(emptied.core.peers) if emptied.core else -1)
+                start_clean_up(emptied)
+
+            host.on_empty = recording
+
+            async def marked() -> bool:
+                row = await host.call(lambda core: core.shard.file("pic"))
+                return row is not None and row.pending_delete_at_ms is not None
+
+            with trio.fail_after(10):  # compaction folds items/1 and marks its file
+                while not await marked():
+                    await trio.sleep(0.02)
+            # bob comes and goes while alice stays: his departure is where a clean-up would start
+            async with connect(server.sync_url, server.token(user="bob")) as bob:
+                await bob.send({"type": "presence-update", "replicaId": "rb", "presence": {}})
+                await bob.wait_for("presence-changed")
+            offline = await client.wait_for(lambda m: m["type"] == "presence-offline" and m["userId"] == "bob")
+            assert offline["replicaId"] == "rb"
+            assert clean_ups == []
+            assert stored_files(server)  # referenced by nobody, but people are here
+            assert (await file_info(server, "pic")).status_code == 200
         with trio.fail_after(10):
             while stored_files(server):
                 await trio.sleep(0.05)
+        assert clean_ups == [0]
         assert (await file_info(server, "pic")).status_code == 404

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,12 @@ def message(kind: str, **fields: Any) -> Any:
     return validate_client_message({"type": kind, **fields})
 
 
+def stamp(n: int) -> str:
+    return f"0001{1700000000000 + n:013d}-000000"
+
+
 def op_message(replica: str, oid: str, n: int) -> Any:
-    ts = f"0001{1700000000000 + n:013d}-000000"
+    ts = stamp(n)
     return message("op", replicaId=replica, timestamp=ts, operations=[
         {"oid": oid, "timestamp": ts, "data": {"op": "initialize", "value": {"n": n}}}
     ])
@@ -95,23 +101,58 @@ async def test_acks_are_sent_only_after_the_commit(tmp_path: Path) -> None:
     assert seen == [1, 2, 3, 4, 5]
 
 
+@dataclass(eq=False)
+class Clocked(Peer):
+    """Notes when each global-ack is handed to it, on the clock the library's timers use."""
+
+    global_acks_at: list[float] = field(default_factory=list)
+
+    def deliver(self, text: str) -> None:
+        super().deliver(text)
+        if self.inbox[-1]["type"] == "global-ack":
+            self.global_acks_at.append(time.monotonic())
+
+    def delivered_oids(self) -> list[str]:
+        return [op["oid"] for m in self.inbox if m["type"] == "op-re" for op in m["operations"]]
+
+
 async def test_global_ack_broadcasts_are_coalesced(tmp_path: Path) -> None:
-    async with libraries(tmp_path, global_ack_interval_s=0.2, batch_min_peers=1) as registry, registry.use("lib") as host:
-        peers = [Peer(i, f"user{i}") for i in range(1, 4)]
+    interval_s = 0.3
+    async with libraries(
+        tmp_path, global_ack_interval_s=interval_s, batch_min_peers=1, batch_window_s=0.02
+    ) as registry, registry.use("lib") as host:
+        peers = [Clocked(i, f"user{i}") for i in range(1, 4)]
         for p in peers:
             await host.attach(p)
             await host.submit(p, [message("sync", replicaId=f"r{p.key}", timestamp="0001", operations=[], baselines=[], since=None)], wait=True)
+
+        def ack(p: Clocked, n: int) -> Any:
+            return message("ack", replicaId=f"r{p.key}", timestamp=stamp(n))
+
+        # a burst: operations queued together travel together
         for n in range(50):
             await host.submit(peers[0], [op_message("r1", f"items/{n}", n + 10)])
             for p in peers[1:]:
-                await host.submit(p, [message("ack", replicaId=f"r{p.key}", timestamp=f"0001{1700000000000 + n + 10:013d}-000000")])
-        await trio.sleep(0.5)
-        acks = [m for m in peers[1].inbox if m["type"] == "global-ack"]
-        assert 1 <= len(acks) <= 10
-        rebroadcasts = [m for m in peers[1].inbox if m["type"] == "op-re"]
-        delivered = [op["oid"] for m in rebroadcasts for op in m["operations"]]
-        assert delivered == [f"items/{n}" for n in range(50)]
-        assert len(rebroadcasts) < 50  # operations queued together travel together
+                await host.submit(p, [ack(p, n + 10)])
+        with trio.fail_after(10):
+            while len(peers[1].delivered_oids()) < 50:
+                await trio.sleep(0.01)
+        assert peers[1].delivered_oids() == [f"items/{n}" for n in range(50)]
+        assert len([m for m in peers[1].inbox if m["type"] == "op-re"]) < 50
+        # then one operation at a time, each acknowledged by everyone before the next: every
+        # batch moves the global ack, and the broadcasts of it stay an interval apart
+        for n in range(50, 70):
+            await host.submit(peers[0], [op_message("r1", f"items/{n}", n + 10)], wait=True)
+            for p in peers[1:]:
+                await host.submit(p, [ack(p, n + 10)], wait=True)
+        last = stamp(69 + 10)
+        with trio.fail_after(10):  # the last move is not dropped, only held back
+            while not [m for m in peers[1].inbox if m == {"type": "global-ack", "timestamp": last}]:
+                await trio.sleep(0.01)
+        times = peers[1].global_acks_at
+        assert len(times) >= 2
+        # (a little slack: the time is noted just after the library stamps its broadcast)
+        assert min(b - a for a, b in itertools.pairwise(times)) >= 0.8 * interval_s, times
 
 
 async def test_a_senders_operations_in_one_batch_share_one_rebroadcast(tmp_path: Path) -> None:

@@ -154,29 +154,41 @@ async def test_a_slow_first_request_holds_up_nobody(server: RunningServer) -> No
 
 
 async def test_silent_sockets_are_closed_and_heartbeats_keep_them(server_factory: Any) -> None:
-    connections = ConnectionSettings(idle_timeout_s=0.6)
-    async with server_factory(core={"connections": connections}) as server:
-        async with connect(server.sync_url, server.token()) as silent, \
-                connect(server.sync_url, server.token(user="bob")) as talking:
-            await silent.sync("silent")
-            await talking.sync("talking")
+    """The talking socket is older than the silent one, so the sweep that closes the silent one
+    would have closed it too without its heartbeats: after that sweep it still answers."""
+    idle_timeout_s = 1.0
+    connections = ConnectionSettings(idle_timeout_s=idle_timeout_s)
+    async with server_factory(core={"connections": connections}) as server, connect(
+        server.sync_url, server.token(user="bob")
+    ) as talking:
+        await talking.sync("talking")
+        sent = 0
+        stop = trio.Event()
 
-            async def heartbeats() -> None:
-                while True:
-                    await talking.send({"type": "heartbeat"})
-                    await trio.sleep(0.15)
+        async def heartbeats() -> None:
+            nonlocal sent
+            while not stop.is_set():
+                await talking.send({"type": "heartbeat"})
+                sent += 1
+                with trio.move_on_after(0.1):  # paces them: ten per idle timeout
+                    await stop.wait()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(heartbeats)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(heartbeats)
+            async with connect(server.sync_url, server.token()) as silent:
+                last_sent = trio.current_time()  # the server hears it after this
+                await silent.sync("silent")
                 with trio.fail_after(10):
-                    started = trio.current_time()
                     assert await silent.wait_closed() == 4008
-                    assert 0.5 < trio.current_time() - started < 3
-                await trio.sleep(1.0)  # the talking one stays, well past the timeout
-                nursery.cancel_scope.cancel()
-            assert talking.close_code is None
-            await talking.send({"type": "heartbeat"})
-            assert (await talking.wait_for("heartbeat-response"))["type"] == "heartbeat-response"
+                # not before the timeout since its last frame (the server's clock is
+                # time.monotonic, trio's perf_counter: both CLOCK_MONOTONIC on Linux)
+                assert trio.current_time() - last_sent >= idle_timeout_s
+            stop.set()
+        # answers come in order: the last one is to a heartbeat sent after that sweep
+        await talking.send({"type": "heartbeat"})
+        for _ in range(sent + 1):
+            await talking.wait_for("heartbeat-response")  # raises Closed if it was closed
+        assert talking.close_code is None
 
 
 async def test_large_messages_cross_whole_in_both_directions(server: RunningServer) -> None:

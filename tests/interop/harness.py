@@ -814,13 +814,21 @@ async def converged(
 ) -> list[dict[str, Any]]:
     """Wait until every client lists the same documents in ``collection``."""
 
+    last: list[list[dict[str, Any]]] = []
+
     async def same() -> tuple[list[dict[str, Any]]] | None:
         lists = [await c.list(collection) for c in clients]
+        last[:] = lists
         if all(lst == lists[0] for lst in lists[1:]):
             return (lists[0],)  # a 1-tuple is truthy even for an empty list
         return None
 
-    found = await wait_until(same, timeout, message=f"clients converge on {collection!r}")
+    try:
+        found = await wait_until(same, timeout, message=f"clients converge on {collection!r}")
+    except AssertionError as e:
+        # what each client had at the end says which change did not get through
+        views = "\n".join(f"[{c.name}] {_short(lst, 3000)}" for c, lst in zip(clients, last))
+        raise AssertionError(f"{e}\n{views}") from None
     return found[0]
 
 

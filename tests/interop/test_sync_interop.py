@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import apsw
 import httpx
 import pytest
 import trio
 
 from verdant_trio.client import connect, timestamp
+from verdant_trio.libraries import LibrarySettings
 
 from .conftest import ClientFactory
 from .harness import (
@@ -357,7 +359,14 @@ async def test_deleted_document_file_is_removed_after_expiration(
         for i in range(3):  # more activity so acknowledgements pass the deletion
             await bob.put("items", {"id": f"after{i}", "content": "x"})
         await converged([alice, bob], "items")
-        await trio.sleep(1.0)
+        # The clean-up when everyone leaves only deletes files compaction has marked: wait for
+        # the mark (no API shows it, so read the library's database).
+        shard = LibrarySettings(databases_dir=server.cwd / "verdant-dbs").shard_path(library_id)
+
+        async def file_marked() -> bool:
+            return await trio.to_thread.run_sync(_pending_delete_at, shard, info["id"]) is not None
+
+        await wait_until(file_marked, timeout=20, message="file marked for deletion by compaction")
         await alice.close()
         await bob.close()
 
@@ -371,6 +380,17 @@ async def test_deleted_document_file_is_removed_after_expiration(
     finally:
         await server.terminate()
         (interop_log_dir / "server.log").write_bytes(server.log_path.read_bytes())
+
+
+def _pending_delete_at(shard: Path, file_id: str) -> int | None:
+    conn = apsw.Connection(str(shard), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        row = conn.execute(
+            'SELECT pendingDeleteAt FROM "FileMetadata" WHERE fileId = ?', (file_id,)
+        ).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else row[0]
 
 
 async def _file_ready(client: NodeClient, collection: str, doc: str, field: str) -> dict[str, Any] | None:
