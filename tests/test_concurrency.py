@@ -36,7 +36,11 @@ async def test_heartbeat_is_answered_while_the_library_is_busy(
         async with connect(server.sync_url, server.token()) as client:
             try:
                 await client.sync("r1")
-                await client.send({"type": "presence-update", "replicaId": "slow", "presence": {}})
+                # an operation: batches with operations always run in a worker thread
+                await client.op("slow", [{
+                    "oid": "items/slow", "timestamp": timestamp(),
+                    "data": {"op": "initialize", "value": {}},
+                }])
                 with trio.fail_after(10):
                     await inside.wait()
                 await client.send({"type": "heartbeat", "timestamp": timestamp(), "replicaId": "r1"})
@@ -44,7 +48,7 @@ async def test_heartbeat_is_answered_while_the_library_is_busy(
                 await client.wait_for("heartbeat-response", timeout_s=5)
             finally:
                 release.set()
-            await client.wait_for("presence-changed", timeout_s=10)
+            await client.wait_for("server-ack", timeout_s=10)
 
 
 class GatedProfiles:

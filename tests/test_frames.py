@@ -1,35 +1,22 @@
-"""RFC 6455 server side, without a socket: wsproto plays the client on both directions."""
+"""What the sync socket does of RFC 6455 beside the `websockets` protocol, without a socket:
+the upgrade, frame boundaries ahead of the parser, the header of large frames. The library's
+own client protocol plays the client."""
 
 from __future__ import annotations
-
-import struct
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, TextMessage
-from wsproto.events import Ping as WsPing
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Protocol, Side
 
 from verdant_trio.frames import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_TEXT,
-    Close,
-    FrameError,
-    MessageReader,
-    Ping,
-    accept_key,
+    FrameBoundaries,
     accept_response,
-    close_frame,
-    encode_frame,
+    fit_close_reason,
     head_length,
     parse_upgrade,
-    refusal_response,
-    unmask,
+    text_frame_header,
 )
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -79,6 +66,9 @@ def _variant(old: str, new: str) -> bytes:
         _variant("Pragma: no-cache\r\n", "Pragma: no-cache\r\n folded\r\n"),
         _variant("Pragma: no-cache\r\n", "Pragma : no-cache\r\n"),
         _variant("Host: example.org", "Host: ex\xe4mple.org"),
+        _variant("Host: example.org\r\n", ""),
+        _variant("Host: example.org\r\n", "Host: example.org\r\nHost: evil.example\r\n"),
+        _variant("Host: example.org", "Host:"),
         _variant("/sync%2Fpath", "http://example.org/sync"),
     ],
 )
@@ -88,158 +78,114 @@ def test_anything_unusual_is_left_to_the_http_server(head: bytes) -> None:
 
 def test_handshake_answers() -> None:
     # RFC 6455 §1.3's worked example
-    assert accept_key(KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
     answer = accept_response(KEY, "Bearer")
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
     assert b"Sec-WebSocket-Protocol: Bearer\r\n" in answer and answer.endswith(b"\r\n\r\n")
     assert b"Sec-WebSocket-Protocol" not in accept_response(KEY)
     assert b"Sec-WebSocket-Extensions" not in accept_response(KEY)
+    from verdant_trio.frames import refusal_response
+
     refusal = refusal_response(401, b'{"code":4011}')
     assert refusal.startswith(b"HTTP/1.1 401 Unauthorized\r\n")
     assert b"content-length: 13\r\n" in refusal and refusal.endswith(b'\r\n\r\n{"code":4011}')
 
 
-def client() -> Connection:
-    return Connection(ConnectionType.CLIENT)
+def client_frames(kinds: list[tuple[str, int, bool]]) -> list[bytes]:
+    """Client frames as the library's client side writes them (masked), one bytes per frame."""
+    sender = Protocol(Side.CLIENT)
+    frames = []
+    for kind, size, fin in kinds:
+        payload = b"x" * size
+        if kind == "text":
+            sender.send_text(payload, fin=fin) if not sender.expect_continuation_frame \
+                else sender.send_continuation(payload, fin=fin)
+        elif kind == "binary":
+            sender.send_binary(payload, fin=fin) if not sender.expect_continuation_frame \
+                else sender.send_continuation(payload, fin=fin)
+        elif kind == "ping":
+            sender.send_ping(payload[:125])
+        else:
+            sender.send_pong(payload[:125])
+        frames += sender.data_to_send()
+    return frames
 
 
-def client_frame(
-    opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bytes | None = b"\x01\x02\x03\x04",
-    length: int | None = None,
-) -> bytes:
-    """A client frame built by hand, for what a well-behaved client library never sends."""
-    n = len(payload) if length is None else length
-    first = (0x80 if fin else 0) | rsv | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head = bytes((first, mask_bit | n))
-    elif n < 0x10000:
-        head = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        head = struct.pack("!BBQ", first, mask_bit | 127, n)
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def read_all(reader: MessageReader) -> list[Any]:
-    events = []
-    while (event := reader.next_event()) is not None:
-        events.append(event)
-    return events
-
-
-message_parts = st.one_of(
-    st.lists(st.text(max_size=300), min_size=1, max_size=4).map(lambda parts: ("text", parts)),
-    st.lists(st.binary(max_size=300), min_size=1, max_size=4).map(lambda parts: ("bytes", parts)),
+frame_kinds = st.lists(
+    st.tuples(
+        st.sampled_from(["text", "binary", "ping", "pong"]),
+        st.sampled_from([0, 1, 125, 126, 200, 65535, 65536, 70000]),
+        st.booleans(),
+    ),
+    min_size=1, max_size=12,
 )
 
 
 @settings(max_examples=150, deadline=None)
-@given(
-    messages=st.lists(st.tuples(message_parts, st.booleans()), min_size=1, max_size=6),
-    cuts=st.lists(st.integers(min_value=0, max_value=5000), max_size=12),
-)
-def test_messages_come_out_whole_however_the_bytes_are_cut(
-    messages: list[tuple[tuple[str, list[Any]], bool]], cuts: list[int]
+@given(kinds=frame_kinds, cuts=st.lists(st.integers(min_value=0, max_value=300_000), max_size=10),
+       max_frames=st.integers(min_value=1, max_value=5))
+def test_frame_boundaries_agree_with_the_library_however_the_bytes_are_cut(
+    kinds: list[tuple[str, int, bool]], cuts: list[int], max_frames: int
 ) -> None:
-    sender = client()
-    wire = b""
-    expected: list[Any] = []
-    for (kind, parts), ping_inside in messages:
-        for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            event = TextMessage(part, message_finished=last) if kind == "text" else BytesMessage(part, message_finished=last)
-            wire += sender.send(event)
-            if ping_inside and not last:  # control frames may come between fragments
-                wire += sender.send(WsPing(b"p%d" % i))
-                expected.append(Ping(b"p%d" % i))
-        expected.append("".join(parts) if kind == "text" else b"".join(parts))
-    reader = MessageReader(max_message_bytes=1 << 20)
-    got: list[Any] = []
-    start = 0
-    for cut in sorted(c for c in cuts if c < len(wire)) + [len(wire)]:
-        reader.feed(wire[start:cut])
-        start = max(start, cut)
-        got += read_all(reader)
-    assert got == expected
+    """Each scan stops at a frame boundary or at the end of the bytes it was given, counts the
+    frames the library's client wrote, and announces exactly the payloads of large messages."""
+    frames = client_frames(kinds)
+    wire = b"".join(frames)
+    starts = {0}
+    position = 0
+    for frame in frames:
+        position += len(frame)
+        starts.add(position)
+    large_bytes = 1000
+    expected_large = 0
+    message = 0
+    for (kind, size, fin), _ in zip(kinds, frames):
+        if kind in ("ping", "pong"):
+            continue
+        if message + size > large_bytes:
+            expected_large += size
+        message = 0 if fin else message + size
+    scanner = FrameBoundaries(large_bytes)
+    seen_frames = seen_controls = seen_large = 0
+    chunk_start = 0
+    for cut in sorted({c for c in cuts if 0 < c < len(wire)} | {len(wire)}):
+        chunk = wire[chunk_start:cut]
+        offset = 0
+        while offset < len(chunk):
+            scan = scanner.scan(chunk, offset, max_frames)
+            assert scan.frames <= max_frames
+            assert scan.end == len(chunk) or chunk_start + scan.end in starts
+            assert scan.end > offset or scan.frames == 0
+            seen_frames += scan.frames
+            seen_controls += scan.control_frames
+            seen_large += scan.large_payload
+            offset = scan.end
+        chunk_start = cut
+    assert seen_frames == len(frames)
+    assert seen_controls == sum(1 for kind, _, _ in kinds if kind in ("ping", "pong"))
+    assert seen_large == expected_large
 
 
-def test_leading_bytes_after_the_head_are_read() -> None:
-    frame = client().send(TextMessage("early"))
-    assert read_all(MessageReader(1024, frame)) == ["early"]
-
-
-def test_close_frames() -> None:
-    reader = MessageReader(1024)
-    reader.feed(client().send(CloseConnection(code=4000, reason="bye é")))
-    assert read_all(reader) == [Close(4000, "bye é")]
-    reader.feed(client_frame(OP_CLOSE, b""))
-    assert read_all(reader) == [Close(1005, "")]
-
-
-@pytest.mark.parametrize(
-    ("wire", "code"),
-    [
-        (client_frame(OP_TEXT, b"hello", mask=None), 1002),
-        (client_frame(OP_TEXT, b"hello", rsv=0x40), 1002),
-        (client_frame(3, b"hello"), 1002),
-        (client_frame(0xB, b""), 1002),
-        (client_frame(OP_CONTINUATION, b"orphan"), 1002),
-        (client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_TEXT, b"b"), 1002),
-        (client_frame(OP_PING, b"x" * 126), 1002),
-        (client_frame(OP_PING, b"x", fin=False), 1002),
-        (client_frame(OP_CLOSE, b"\x03"), 1002),
-        (client_frame(OP_CLOSE, struct.pack("!H", 1005)), 1002),
-        (client_frame(OP_CLOSE, struct.pack("!H", 999)), 1002),
-        (client_frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), 1007),
-        (client_frame(OP_TEXT, b"\xc3\x28"), 1007),
-        (client_frame(OP_TEXT, "é".encode()[:1], fin=False) + client_frame(OP_CONTINUATION, b"\x00"), 1007),
-        (client_frame(OP_TEXT, b"x" * 2000), 1009),
-        (client_frame(OP_TEXT, b"x" * 600, fin=False) + client_frame(OP_CONTINUATION, b"x" * 600), 1009),
-        (client_frame(OP_BINARY, b"", length=1 << 40)[:10], 1009),
-        (bytes((0x81, 0xFF)) + (1 << 63).to_bytes(8, "big"), 1002),
-    ],
-)
-def test_protocol_violations_fail_with_their_close_code(wire: bytes, code: int) -> None:
-    reader = MessageReader(max_message_bytes=1024)
-    reader.feed(wire)
-    with pytest.raises(FrameError) as failure:
-        read_all(reader)
-    assert failure.value.code == code
-
-
-def test_an_oversized_message_is_refused_before_its_payload_arrives() -> None:
-    reader = MessageReader(max_message_bytes=1024)
-    reader.feed(client_frame(OP_TEXT, b"x" * 5000)[:8])  # header and mask only
-    with pytest.raises(FrameError) as failure:
-        reader.next_event()
-    assert failure.value.code == 1009
+def test_a_large_header_is_announced_before_its_payload() -> None:
+    (frame,) = client_frames([("text", 200_000, True)])
+    scanner = FrameBoundaries(65536)
+    scan = scanner.scan(frame[:14], 0, 64)  # header and mask only
+    assert (scan.end, scan.frames, scan.large_payload) == (14, 1, 200_000)
+    assert scanner.scan(frame[14:], 0, 64).frames == 0
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
-def test_server_frames_are_read_by_a_client(size: int) -> None:
+def test_large_frame_headers_are_read_by_the_library(size: int) -> None:
     text = ("é" * size)[: size // 2] + "a" * (size - len(("é" * size)[: size // 2]) * 2)
-    receiver = client()
-    receiver.receive_data(encode_frame(OP_TEXT, text.encode()))
-    events = list(receiver.events())
-    assert len(events) == 1 and isinstance(events[0], TextMessage)
-    assert events[0].data == text and events[0].message_finished
+    payload = text.encode()
+    receiver = Protocol(Side.CLIENT)
+    receiver.receive_data(text_frame_header(len(payload)) + payload)
+    (event,) = receiver.events_received()
+    assert isinstance(event, Frame) and event.opcode is Opcode.TEXT and event.fin
+    assert bytes(event.data).decode() == text
 
 
 def test_close_reasons_are_cut_on_a_character_to_fit() -> None:
-    frame = close_frame(1013, "é" * 200)
-    assert len(frame) <= 127
-    receiver = client()
-    receiver.receive_data(frame)
-    (event,) = list(receiver.events())
-    assert isinstance(event, CloseConnection) and event.code == 1013
-    assert event.reason == "é" * 61
-
-
-@given(st.binary(max_size=2000), st.binary(min_size=4, max_size=4))
-def test_unmask_is_the_xor_of_the_spec(data: bytes, mask: bytes) -> None:
-    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-    assert unmask(data, mask) == expected
-    assert unmask(memoryview(bytearray(data)), mask) == expected
+    assert fit_close_reason("é" * 200) == "é" * 61
+    assert len(fit_close_reason("x" * 300).encode()) == 123
+    assert fit_close_reason("short") == "short"

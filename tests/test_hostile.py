@@ -471,7 +471,7 @@ async def test_a_send_racing_hypercorns_close_is_a_disconnect() -> None:
         raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
 
     with pytest.raises(Disconnected):
-        await AsgiWebSocket(receive, send).send('{"type":"heartbeat-response"}')
+        await AsgiWebSocket(receive, send).send(b'{"type":"heartbeat-response"}')
 
 
 @pytest.mark.trio

@@ -86,12 +86,12 @@ async def test_acks_are_sent_only_after_the_commit(tmp_path: Path) -> None:
 
     @dataclass(eq=False)
     class Checking(Peer):
-        def deliver(self, text: str) -> None:
-            if '"server-ack"' in text:
+        def deliver(self, payload: bytes) -> None:
+            if b'"server-ack"' in payload:
                 other = apsw.Connection(str(tmp_path / "lib.sqlite"))
                 seen.append(other.execute('SELECT COUNT(*) FROM "OperationHistory"').fetchone()[0])
                 other.close()
-            super().deliver(text)
+            super().deliver(payload)
 
     async with libraries(tmp_path) as registry, registry.use("lib") as host:
         writer = Checking(1, "alice")

@@ -23,6 +23,7 @@ from quart import Blueprint, Quart, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .budget import Reservation
 from .connections import Disconnected, Transport
 from .core import VerdantCore
 from .errors import ErrorCode, VerdantError
@@ -34,7 +35,7 @@ from .files import (
     plan_file_response,
 )
 from .frames import UpgradeRequest
-from .listeners import StreamWebSocket
+from .websocket import StreamWebSocket
 from .protocol import ProtocolError, ReplicaType, decode_json
 from .storage.names import decode_name
 from .tokens import TokenProvider
@@ -249,7 +250,32 @@ def sync_blueprint(
     return bp
 
 
-class QuartWebSocket:
+class _EventTransport:
+    """What an event-driven websocket (Quart, ASGI) lacks of the stream socket's transport:
+    every message goes through the connection's writer, and no memory is reserved here (the
+    server under it bounds its own messages)."""
+
+    def buffered(self) -> bool:
+        return False
+
+    def take_reservation(self) -> list[Reservation]:
+        return []
+
+    def release_all(self) -> None:
+        pass
+
+    def write_now(self, payload: bytes) -> bool:
+        return False
+
+    @property
+    def pending_output(self) -> bool:
+        return False
+
+    async def flush(self) -> None:
+        pass
+
+
+class QuartWebSocket(_EventTransport):
     """The sync socket through Quart's websocket context (the embedding blueprint)."""
 
     def __init__(self) -> None:
@@ -259,8 +285,8 @@ class QuartWebSocket:
     async def receive(self) -> str | bytes:
         return await self._ws.receive()  # type: ignore[no-any-return]
 
-    async def send(self, text: str) -> None:
-        await self._ws.send(text)
+    async def send(self, payload: bytes) -> None:
+        await self._ws.send(payload.decode())
 
     async def close(self, code: int, reason: str) -> None:
         if not self.closed:
@@ -388,7 +414,7 @@ def register_dev_auth(app: Quart, settings: AppSettings) -> None:
         return json_response({"accessToken": token})
 
 
-class AsgiWebSocket:
+class AsgiWebSocket(_EventTransport):
     """The sync socket over raw ASGI websocket events (hypercorn)."""
 
     def __init__(self, receive: Receive, send: Send) -> None:
@@ -409,11 +435,11 @@ class AsgiWebSocket:
                 self.closed = True
                 raise Disconnected()
 
-    async def send(self, text: str) -> None:
+    async def send(self, payload: bytes) -> None:
         if self.closed:
             raise Disconnected()
         try:
-            await self._send({"type": "websocket.send", "text": text})
+            await self._send({"type": "websocket.send", "text": payload.decode()})
         except (trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError, OSError):
             # hypercorn closing the socket under us (its close does not take its send lock)
             self.closed = True

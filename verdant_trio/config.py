@@ -29,6 +29,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .app import AppSettings
+from .budget import MEMORY_PER_BYTE
 from .connections import ConnectionSettings
 from .core import CoreSettings
 from .files import DEFAULT_MAX_UPLOAD_BYTES
@@ -401,6 +402,17 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "Delete a file this many days after the last document referring to it dropped it."),
     Key("limits", "max_message_bytes", integer(1024), DEFAULT_MAX_MESSAGE_BYTES,
         "Largest websocket message and HTTP sync body (a big first sync needs room)."),
+    Key("limits", "message_memory_bytes", integer(1024 * 1024),
+        _default(_CORE, "message_memory_bytes"),
+        "Memory that large websocket messages (over 64 KiB) may hold at once, server-wide.\n"
+        "Each reserves three times its size (what receiving and parsing one costs) before\n"
+        "its payload is read, until the library has handled it; the others wait (TCP holds\n"
+        "their senders back). At least three times max_message_bytes; the default leaves\n"
+        "room for one message of the largest size and several smaller ones."),
+    Key("limits", "message_memory_wait_s", number(above=0),
+        _default(_CORE, "message_memory_wait_s"),
+        "A large message that cannot get its memory within this is refused: its connection\n"
+        "is closed with 1013 (try again later) and the client reconnects."),
     Key("limits", "max_connections", integer(1), _default(_CORE, "max_connections"),
         "Open websockets at most; more are refused with 503 until some close."),
     Key("limits", "outbound_queue_messages", integer(1), _default(_CONN, "outbound_queue"),
@@ -588,6 +600,14 @@ def resolve_secrets(
 
 
 def cross_check(values: Mapping[tuple[str, str], Any], problems: list[str]) -> None:
+    memory, largest = values.get(("limits", "message_memory_bytes")), values.get(
+        ("limits", "max_message_bytes")
+    )
+    if isinstance(memory, int) and isinstance(largest, int) and memory < MEMORY_PER_BYTE * largest:
+        problems.append(
+            f"[limits] message_memory_bytes: {memory} cannot hold one message of "
+            f"max_message_bytes ({largest}); use at least {MEMORY_PER_BYTE * largest}"
+        )
     if values.get(("profiles", "url")) and values.get(("profiles", "callable")):
         problems.append("[profiles] callable: set either url or callable, not both")
     if values.get(("server", "sync_path")) == values.get(("server", "admin_path")):
@@ -627,6 +647,8 @@ def build_settings(
         max_concurrent_handshakes=v("limits", "max_concurrent_handshakes"),
         handshake_timeout_s=v("limits", "handshake_timeout_s"),
         max_upload_bytes=v("files", "max_upload_bytes"),
+        message_memory_bytes=v("limits", "message_memory_bytes"),
+        message_memory_wait_s=v("limits", "message_memory_wait_s"),
     )
     app = AppSettings(
         sync_path=v("server", "sync_path"),

@@ -23,6 +23,7 @@ from .connections import (
     ReplicaConnection,
     Transport,
 )
+from .budget import MemoryBudget
 from .errors import ErrorCode, VerdantError
 from .files import DEFAULT_MAX_UPLOAD_BYTES, FileStorage, MultipartFile, StoredFile
 from .libraries import Libraries, LibraryHost, LibrarySettings
@@ -58,6 +59,10 @@ class CoreSettings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     serve_active_content_inline: bool = False
     """Serve uploaded HTML/SVG/JS as pages of our origin (off: they download as attachments)."""
+    message_memory_bytes: int = 384 * 1024 * 1024
+    """Memory large inbound websocket messages may hold at once (see `budget`)."""
+    message_memory_wait_s: float = 30.0
+    """How long a large message waits for its share before its connection is closed (1013)."""
 
 
 def sanitize_fragment(value: str) -> str:
@@ -93,6 +98,7 @@ class VerdantCore:
         self.running = trio.Event()
         self.sync_limiter = trio.CapacityLimiter(settings.max_concurrent_syncs)
         self.handshake_limiter = trio.CapacityLimiter(settings.max_concurrent_handshakes)
+        self.message_budget = MemoryBudget(settings.message_memory_bytes)
         self.connections: set[ReplicaConnection] = set()
         self._admitted = 0
         """Websockets admitted and not yet finished (handshaking or connected)."""
@@ -181,10 +187,13 @@ class VerdantCore:
             self._admitted -= 1
 
     async def _serve_admitted(self, info: TokenInfo, accept: Any, transport: Transport) -> None:
-        with trio.move_on_after(self.settings.handshake_timeout_s):
-            await self.handshake_limiter.acquire()
-        if not self._holds_handshake():
-            raise VerdantError(ErrorCode.UNAVAILABLE, "server busy; retry later")
+        try:
+            self.handshake_limiter.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self.settings.handshake_timeout_s) as waited:
+                await self.handshake_limiter.acquire()
+            if waited.cancelled_caught:  # a cancelled acquire holds nothing
+                raise VerdantError(ErrorCode.UNAVAILABLE, "server busy; retry later") from None
         handshaking = True
         try:
             profile = await self.profiles.get(info.user_id)
@@ -214,9 +223,6 @@ class VerdantCore:
             if handshaking:
                 self.handshake_limiter.release()
 
-    def _holds_handshake(self) -> bool:
-        return trio.lowlevel.current_task() in self.handshake_limiter.statistics().borrowers
-
     # -- HTTP sync --------------------------------------------------------------------------
 
     def parse_http_body(self, body: Any) -> list[ClientMessage]:
@@ -242,7 +248,7 @@ class VerdantCore:
         peer = HttpPeer(info, profile=await self.profiles.get(info.user_id))
         if all(isinstance(m, Heartbeat) for m in messages):
             for _ in messages:
-                peer.deliver('{"type":"heartbeat-response"}')
+                peer.deliver(b'{"type":"heartbeat-response"}')
             return peer.body()
         has_sync = any(isinstance(m, Sync) for m in messages)
         self.observer.connection_opened("http", int(info.type))
@@ -336,7 +342,7 @@ class VerdantCore:
         async with self._existing(library_id) as host:
 
             def wipe(core: LibraryCore) -> list[tuple[str, str]]:
-                core.presence.clear()
+                core.clear_presence()
                 core.shard.delete_everything()
                 return [(f.file_id, f.name) for f in core.shard.files()]
 
@@ -451,12 +457,17 @@ class _LimitedHost:
     def detach(self, peer: Any) -> None:
         self._host.detach(peer)
 
-    async def submit(self, peer: Any, messages: list[ClientMessage]) -> None:
+    def submit_nowait(self, peer: Any, messages: list[ClientMessage]) -> bool:
+        return self._host.submit_nowait(peer, messages)
+
+    async def submit(
+        self, peer: Any, messages: list[ClientMessage], *, wait: bool = False
+    ) -> None:
         if any(isinstance(m, Sync) for m in messages):
             async with self._limiter:
                 await self._host.submit(peer, messages, wait=True)
         else:
-            await self._host.submit(peer, messages)
+            await self._host.submit(peer, messages, wait=wait)
 
 
 @contextlib.asynccontextmanager

@@ -155,6 +155,8 @@ class Server:
                 file_storage=file_storage,
             ) as core:
                 self.core = core
+                if self.observer is not None:
+                    self.observer.track_memory_budget(core.message_budget)
                 asgi = create_asgi_app(core, settings.app)
                 self.health = register_health(
                     asgi.quart, core, health=Health(core, storage_dirs), metrics=self.observer
@@ -173,6 +175,8 @@ class Server:
                         hypercorn_config(settings),
                         is_sync_path=asgi.is_sync_path,
                         sync_socket=asgi.stream_socket,
+                        budget=core.message_budget,
+                        budget_wait_s=settings.core.message_memory_wait_s,
                         linger=settings.linger,
                     )
                     binds = await nursery.start(

@@ -50,8 +50,9 @@ class Peer(Protocol):
     replica_id: str | None
     profile: Any
 
-    def deliver(self, text: str) -> None:
-        """Queue an encoded message without waiting; a full queue is the peer's problem."""
+    def deliver(self, payload: bytes) -> None:
+        """Hand over an encoded message (UTF-8 JSON) without waiting; a full queue is the
+        peer's problem."""
 
 
 @dataclass(slots=True)
@@ -150,14 +151,20 @@ class LibraryCore:
         self.peers: dict[int, Peer] = {}
         self.rebase_enabled = rebase
         self.last_global_ack: str | None = None
+        self._passive_peers: dict[int, str] = {}
+        """Replica ids of connected passive and read-only peers, by peer key."""
+        self._passive_presence: dict[str, str] = {}
+        """Replica ids of passive and read-only replicas present, by user."""
 
     # -- peers ------------------------------------------------------------------------------
 
     def attach(self, peer: Peer) -> None:
         self.peers[peer.key] = peer
+        self._note_replica(peer)
 
     def detach(self, peer: Peer) -> None:
         self.peers.pop(peer.key, None)
+        self._passive_peers.pop(peer.key, None)
         if peer.realtime and peer.replica_id is not None:
             # Replicas come and go (every tab and device is a new replica id): what the shard
             # caches about one goes with its connection. (Another connection of the same
@@ -170,6 +177,7 @@ class LibraryCore:
     def user_left(self, user_id: str, replica_id: str | None, out: Outcome) -> None:
         """The user's last connection went: tell everyone (and old clients which replica)."""
         entry = self.presence.remove(user_id)
+        self._passive_presence.pop(user_id, None)
         if entry is not None and replica_id is None:
             replica_id = entry.get("replicaId")
         message: dict[str, Any] = {"type": "presence-offline", "userId": user_id}
@@ -193,11 +201,23 @@ class LibraryCore:
         if targets:
             out.sends.append(Send(message, targets, restricted))
 
+    def _note_replica(self, peer: Peer) -> None:
+        if peer.replica_id is not None and not peer.type.counts_for_global_ack:
+            self._passive_peers[peer.key] = peer.replica_id
+
+    def clear_presence(self) -> None:
+        self.presence.clear()
+        self._passive_presence.clear()
+
     def online_replica_ids(self) -> set[str]:
-        """Replicas connected right now: passive ones hold history back only while here."""
-        online = {p.replica_id for p in self.peers.values() if p.replica_id is not None}
-        online.update(self.presence.replica_ids())
-        return online
+        """The passive and read-only replicas here right now: they hold history back only
+        while online (active ones always do, so whether they are here changes nothing).
+
+        Kept as peers come and go rather than gathered from every peer: the global ack is
+        read for every sync and every `op-re`, and with a few hundred peers gathering them
+        each time was most of a small sync's cost.
+        """
+        return {*self._passive_peers.values(), *self._passive_presence.values()}
 
     def global_ack(self) -> str | None:
         """The time every replica that counts has seen: what clients may compact up to.
@@ -227,7 +247,10 @@ class LibraryCore:
             return
         if isinstance(message, (Op, Sync)) and not self._claim_authz(peer, message, out):
             return
-        peer.replica_id = replica_id
+        if peer.replica_id != replica_id:
+            peer.replica_id = replica_id
+            if peer.key in self.peers:
+                self._note_replica(peer)
         # A message read before its connection went and handled after the departure: its data
         # is kept like any other, but nothing that means "this replica is here" is.
         departed = peer.key not in self.peers
@@ -403,6 +426,10 @@ class LibraryCore:
         info = self.presence.set(
             peer.user_id, message.replica_id, message.presence, message.internal, peer.profile
         )
+        if peer.type.counts_for_global_ack:
+            self._passive_presence.pop(peer.user_id, None)
+        else:
+            self._passive_presence[peer.user_id] = message.replica_id
         # Everyone hears it, the sender too: that is how a client learns its own profile.
         self._broadcast(
             out, {"type": "presence-changed", "replicaId": message.replica_id, "userInfo": info}

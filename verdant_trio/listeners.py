@@ -2,10 +2,10 @@
 
 Why not let hypercorn serve the sync socket too: measured on this stack, a frame through
 hypercorn's protocol objects, wsproto and ASGI events costs 2–3× what it costs here, and an idle
-connection holds ~22 KB of hypercorn, h11 and wsproto state (PERFORMANCE.md, bench "idle").
-The sync socket is the server's one hot path, so the first request on each connection is read
-here: a well-formed websocket upgrade to the sync path is answered by `frames` and served by
-`StreamWebSocket`; anything else (HTTP sync, files, admin, a later upgrade on a kept-alive
+connection holds ~22 KB of hypercorn, h11 and wsproto state (the project's shared performance
+notes, and the README's benchmark "idle"). The sync socket is the server's one hot path, so the
+first request on each connection is read here: a well-formed websocket upgrade to the sync path
+(`frames.parse_upgrade`) is served by `websocket.StreamWebSocket`; anything else (HTTP sync, files, admin, a later upgrade on a kept-alive
 connection) goes to hypercorn with the bytes already read replayed in front of the stream.
 
 The nursery tree follows hypercorn's `worker_serve`: lifespan → connection handlers → listeners.
@@ -15,7 +15,6 @@ graceful timeout before cancelling them (the core has already closed sync socket
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket as stdlib_socket
@@ -32,197 +31,20 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from .connections import CLOSE_NORMAL, Disconnected
+from .budget import MemoryBudget
 from .frames import (
-    CLOSE_NO_STATUS,
     MAX_HEAD_BYTES,
-    OP_PONG,
-    OP_TEXT,
-    Close,
-    FrameError,
-    MessageReader,
-    Ping,
     UpgradeRequest,
-    accept_response,
-    close_frame,
     could_be_upgrade,
-    encode_frame,
-    frame_header,
     head_length,
     parse_upgrade,
-    refusal_response,
 )
 from .linger import LingerSettings, lingering_close
+from .websocket import RECEIVE_BYTES, StreamWebSocket
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BYTES: Final = 64 * 1024
-LARGE_FRAME_BYTES: Final = 64 * 1024
 _TRANSPORT_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-class StreamWebSocket:
-    """A server websocket on a TCP stream: the `Transport` a `ReplicaConnection` drives.
-
-    Two tasks use it: the connection's reader (receive, a heartbeat's answer, and the pong or
-    close echo a received frame calls for) and its writer (send). `_write` keeps their frames
-    whole and in order.
-
-    Bytes move with `os.read`/`os.write` on the socket's descriptor and trio's
-    `wait_readable`/`wait_writable` only when the socket is not ready. Trio's socket methods
-    yield to the scheduler even when the call succeeds at once, and on an idle connection that
-    is most of what a heartbeat costs (measured: see the README's benchmark notes). `send` is
-    therefore not a checkpoint when the socket has room; the writer's channel is.
-
-    A write cancelled part of the way (a slow consumer being cut off) knows what is still
-    unsent: the close finishes that frame before its own, and the peer reads a clean 1013 once
-    it reads again. The descriptor is read through the trio socket on every call, so once the
-    stream is closed a late call fails instead of touching a reused descriptor.
-    """
-
-    __slots__ = (
-        "_close_sent", "_peer_closed", "_reader", "_socket", "_stream", "_torn", "_unsent",
-        "_write_done", "_writing",
-    )
-
-    def __init__(self, stream: trio.SocketStream, reader: MessageReader) -> None:
-        self._stream = stream
-        self._socket = stream.socket
-        self._reader = reader
-        self._writing = False
-        self._write_done: trio.Event | None = None
-        """Exists only while a write is in progress and another task waits for it to end."""
-        self._unsent: list[memoryview] = []
-        """What a write has not sent yet: after a cancelled write, the rest of its frame, which
-        goes out before anything else."""
-        self._torn = False
-        """The stream failed: nothing more can be framed on it."""
-        self._close_sent = False
-        self._peer_closed = False
-        """Set when the peer's close frame or end of stream arrived: nothing more to read."""
-
-    async def _write(self, *parts: bytes, control: bool = False) -> None:
-        while self._writing:
-            if self._write_done is None:
-                self._write_done = trio.Event()
-            await self._write_done.wait()
-        if self._torn or (self._close_sent and not control):
-            raise Disconnected()
-        self._writing = True
-        try:
-            self._unsent.extend(memoryview(part) for part in parts if part)
-            await self._send_unsent()
-        finally:
-            self._writing = False
-            if self._write_done is not None:
-                self._write_done.set()
-                self._write_done = None
-
-    async def _send_unsent(self) -> None:
-        # `_unsent` is exact whenever this is interrupted: a cancel can only land in the wait.
-        unsent = self._unsent
-        sock = self._socket
-        try:
-            while unsent:
-                try:
-                    sent = os.write(sock.fileno(), unsent[0])
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-                    continue
-                if sent == len(unsent[0]):
-                    del unsent[0]
-                else:
-                    unsent[0] = unsent[0][sent:]
-        except _TRANSPORT_ERRORS:
-            self._torn = True
-            raise Disconnected() from None
-
-    async def accept(self, key: str, subprotocol: str | None) -> None:
-        """Answer the upgrade request: the socket is open."""
-        await self._write(accept_response(key, subprotocol), control=True)
-
-    async def refuse(self, status: int, body: bytes) -> None:
-        """Answer the upgrade request with an HTTP error instead (bounded by the caller)."""
-        try:
-            await self._write(refusal_response(status, body), control=True)
-        except Disconnected:
-            pass
-
-    async def send(self, text: str) -> None:
-        if self._close_sent:
-            raise Disconnected()
-        payload = text.encode("utf-8")
-        if len(payload) < LARGE_FRAME_BYTES:
-            await self._write(encode_frame(OP_TEXT, payload))
-        else:  # header and payload apart: no copy of a multi-megabyte sync-resp
-            await self._write(frame_header(OP_TEXT, len(payload)), payload)
-
-    async def receive(self) -> str | bytes:
-        """The next message. A checkpoint, though when the bytes are already here it yields
-        once rather than on every socket call."""
-        reader = self._reader
-        waited = False
-        while True:
-            try:
-                event = reader.next_event()
-            except FrameError as error:
-                log.info("closing websocket: %s (%d)", error.reason, error.code)
-                await self.close(error.code, error.reason)
-                raise Disconnected() from None
-            if event is None:
-                if self._peer_closed:
-                    raise Disconnected()
-                try:
-                    try:
-                        data = os.read(self._socket.fileno(), RECEIVE_BYTES)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self._socket)
-                        waited = True
-                        continue
-                except _TRANSPORT_ERRORS:
-                    self._peer_closed = True
-                    raise Disconnected() from None
-                if not data:
-                    self._peer_closed = True
-                    raise Disconnected()
-                reader.feed(data)
-            elif isinstance(event, (str, bytes)):
-                if not waited:
-                    await trio.lowlevel.checkpoint()
-                return event
-            elif isinstance(event, Ping):
-                await self._write(encode_frame(OP_PONG, event.payload), control=True)
-            elif isinstance(event, Close):
-                self._peer_closed = True
-                # Echo the peer's code, as RFC 6455 §5.5.1 asks; the close is then complete.
-                await self._send_close(
-                    CLOSE_NORMAL if event.code == CLOSE_NO_STATUS else event.code, ""
-                )
-                raise Disconnected()
-
-    async def _send_close(self, code: int, reason: str) -> None:
-        if self._close_sent or self._torn:
-            return
-        self._close_sent = True
-        with contextlib.suppress(Disconnected):
-            await self._write(close_frame(code, reason), control=True)
-
-    async def close(self, code: int, reason: str) -> None:
-        """Send our close frame, then wait (the caller bounds it) for the peer to end the stream.
-
-        Reading to the end matters: closing a socket with unread input makes the kernel send a
-        reset, which can destroy the close frame before the peer has read it.
-        """
-        await self._send_close(code, reason)
-        if self._torn or self._unsent:
-            return
-        try:
-            await self._stream.send_eof()
-            while not self._peer_closed:
-                if not await self._stream.receive_some(RECEIVE_BYTES):
-                    self._peer_closed = True
-        except (*_TRANSPORT_ERRORS, trio.BusyResourceError):
-            self._peer_closed = True
 
 
 class ReplayStream(trio.abc.HalfCloseableStream):
@@ -319,9 +141,16 @@ async def read_first_head(stream: trio.SocketStream, timeout_s: float) -> bytes:
     """What the client sent first, read until it is a whole request head or plainly not an
     upgrade (or the head limit, end of stream, or timeout). Whatever was read is returned."""
     data = bytearray()
+    sock = stream.socket
     with trio.move_on_after(timeout_s):
         while could_be_upgrade(data) and not head_length(data) and len(data) < MAX_HEAD_BYTES:
-            chunk = await stream.receive_some(RECEIVE_BYTES)
+            # os.read on the descriptor, waiting only when nothing is there: the stream's own
+            # receive costs several times as much, and this runs for every connection
+            try:
+                chunk = os.read(sock.fileno(), RECEIVE_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
             if not chunk:
                 break
             data += chunk
@@ -342,14 +171,19 @@ class Listeners:
         *,
         is_sync_path: Callable[[str], bool],
         sync_socket: SyncSocketHandler,
+        budget: MemoryBudget,
+        budget_wait_s: float,
         linger: LingerSettings | None = None,
     ) -> None:
         """`config.websocket_max_message_size` bounds our sockets' messages as hypercorn's;
+        `budget` is the memory large messages share (`budget_wait_s`: how long one waits);
         `linger` bounds the draining of a connection hypercorn closed after a request."""
         self._app = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
         self._config = config
         self._is_sync_path = is_sync_path
         self._sync_socket = sync_socket
+        self._budget = budget
+        self._budget_wait_s = budget_wait_s
         self._linger = linger or LingerSettings()
         self._context = WorkerContext(None)
         self._lifespan_state: LifespanState = {}
@@ -403,8 +237,14 @@ class Listeners:
             end = head_length(first)
             upgrade = parse_upgrade(first[:end]) if end else None
             if upgrade is not None and self._is_sync_path(upgrade.path):
-                reader = MessageReader(self._config.websocket_max_message_size, first[end:])
-                transport = StreamWebSocket(stream, reader)
+                transport = StreamWebSocket(
+                    stream,
+                    max_message_bytes=self._config.websocket_max_message_size,
+                    budget=self._budget,
+                    budget_wait_s=self._budget_wait_s,
+                    first_bytes=first[end:],
+                )
+                del first  # the head is read; an idle connection should not keep it
                 await self._sync_socket(upgrade, transport, _peer(stream))
                 return
             served = ReplayStream(stream, first)

@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 from quart import Quart, Response, g, request
 
+from .budget import MemoryBudget
 from .protocol import ReplicaType
 from .storage.shard import sqlite_memory_bytes
 
@@ -81,6 +82,11 @@ class TypeCounts:
 class PrometheusObserver:
     """Implements `observe.Observer`; `render()` gives the exposition text."""
 
+    def track_memory_budget(self, budget: MemoryBudget) -> None:
+        """The large-message budget's gauges read the running core's budget."""
+        self.message_memory_reserved.set_function(lambda: budget.used_bytes)
+        self.message_memory_waiting.set_function(lambda: budget.waiting)
+
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -105,6 +111,17 @@ class PrometheusObserver:
             "verdant_connections",
             "Sync connections opened",
             ["transport", "replica_type"],
+            registry=r,
+        )
+        self.message_memory_reserved = Gauge(
+            "verdant_message_memory_reserved_bytes",
+            "Memory reserved by large inbound messages being received or handled "
+            "([limits] message_memory_bytes is the most)",
+            registry=r,
+        )
+        self.message_memory_waiting = Gauge(
+            "verdant_message_memory_waiting",
+            "Connections whose large message waits for memory",
             registry=r,
         )
         self.libraries_active = Gauge(

@@ -370,6 +370,7 @@ WIRE_TYPES.update({
 })
 
 
-def encode(message: JsonObject) -> str:
-    """Server messages go out as text frames: the browser client `JSON.parse`s `event.data`."""
-    return orjson.dumps(message).decode()
+def encode(message: JsonObject) -> bytes:
+    """A server message as UTF-8 JSON: it goes out as a text frame (the browser client
+    `JSON.parse`s `event.data`), or into an HTTP response body, without being decoded."""
+    return orjson.dumps(message)

@@ -371,6 +371,19 @@ class Shard:
     def baseline_count(self) -> int:
         return int(self._one('SELECT COUNT(*) FROM "DocumentBaseline"'))
 
+    def history_at_most(self, rows: int) -> bool:
+        """Whether operations and baselines together are at most `rows`; costs O(rows) whatever
+        the size of the library (neither table is counted past the limit)."""
+        operations = int(self._one(
+            'SELECT COUNT(*) FROM (SELECT 1 FROM "OperationHistory" LIMIT ?)', (rows + 1,)
+        ))
+        if operations > rows:
+            return False
+        baselines = int(self._one(
+            'SELECT COUNT(*) FROM (SELECT 1 FROM "DocumentBaseline" LIMIT ?)', (rows + 1,)
+        ))
+        return operations + baselines <= rows
+
     def put_baseline(self, oid: str, snapshot: Any, timestamp: str, authz: str | None) -> None:
         """Upsert; a deleted object (snapshot None) has no baseline row, as in the reference."""
         if snapshot is None:
