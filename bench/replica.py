@@ -19,7 +19,7 @@ import orjson
 import trio
 
 from verdant_trio.client import format_timestamp
-from verdant_trio.tokens import TokenProvider
+from verdant_trio.sync.tokens import TokenProvider
 
 from .wire import LeanSocket, WsClosed
 

@@ -168,10 +168,10 @@ def ours_command(port: int, data_dir: Path, secret: str, log_level: str) -> list
     if patch:
         prelude = (
             "import sys, runpy; runpy.run_path(sys.argv.pop(1)); "
-            "from verdant_trio.cli import main; sys.exit(main(sys.argv[1:]))"
+            "from verdant_trio.service.cli import main; sys.exit(main(sys.argv[1:]))"
         )
         return [sys.executable, "-c", prelude, str(Path(patch).resolve()), *args]
-    return [sys.executable, "-m", "verdant_trio.cli", *args]
+    return [sys.executable, "-m", "verdant_trio.service.cli", *args]
 
 
 def node_command(port: int, data_dir: Path, secret: str) -> list[str]:

@@ -31,7 +31,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from verdant_trio import LocalFileStorage, TokenProvider, create_verdant
-from verdant_trio.health import register_health
+from verdant_trio.service.health import register_health
 
 DEMO_SESSIONS = {"alice-session": "alice", "bob-session": "bob"}
 """Your session store: session id -> user id."""

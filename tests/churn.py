@@ -50,7 +50,7 @@ SQLITE_METRIC: Final = "verdant_sqlite_memory_bytes"
 PROBE: Final = REPO / "tests" / "churn_probe.py"
 _PRELUDE: Final = (
     "import sys, runpy; runpy.run_path(sys.argv.pop(1)); "
-    "from verdant_trio.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from verdant_trio.service.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -72,7 +72,7 @@ class ProbedServer(ServerProcess):
             "dir": str(self.probe_dir), "tracemalloc": self.tracemalloc,
             "leak_bytes": self.leak_bytes,
         }
-        assert command[1:3] == ["-m", "verdant_trio.cli"]
+        assert command[1:3] == ["-m", "verdant_trio.service.cli"]
         return [sys.executable, "-c", _PRELUDE, str(PROBE), json.dumps(settings), *command[3:]]
 
     async def probe(self, label: str, timeout_s: float = 120.0) -> dict[str, Any]:

@@ -41,11 +41,10 @@ PROBE_DIR = Path(_SETTINGS["dir"])
 TRACEMALLOC = bool(_SETTINGS["tracemalloc"])
 LEAK_BYTES = int(_SETTINGS["leak_bytes"])
 PER_CONNECTION_CLASSES = (
-    "verdant_trio.connections.ReplicaConnection",
-    "verdant_trio.listeners.StreamWebSocket",
-    "verdant_trio.frames.MessageReader",
-    "verdant_trio.core._LimitedHost",
-    "verdant_trio.tokens.TokenInfo",
+    "verdant_trio.engine.connections.ReplicaConnection",
+    "verdant_trio.transport.websocket.StreamWebSocket",
+    "verdant_trio.engine.core._LimitedHost",
+    "verdant_trio.sync.tokens.TokenInfo",
     "trio.MemorySendChannel",
     "trio.lowlevel.Task",
     "trio.Nursery",
@@ -57,7 +56,7 @@ if TRACEMALLOC:
 
 _leaked: list[Any] = []
 if LEAK_BYTES:
-    from verdant_trio.library import LibraryCore
+    from verdant_trio.sync.decisions import LibraryCore
 
     _detach = LibraryCore.detach
 
@@ -69,9 +68,9 @@ if LEAK_BYTES:
 
 
 def _census(objects: list[Any]) -> dict[str, Any]:
-    from verdant_trio.core import VerdantCore
-    from verdant_trio.libraries import LibraryHost
-    from verdant_trio.profiles import CachedProfiles
+    from verdant_trio.engine.core import VerdantCore
+    from verdant_trio.engine.library import LibraryHost
+    from verdant_trio.engine.profiles import CachedProfiles
     from verdant_trio.storage.shard import Shard
 
     out: dict[str, Any] = {
@@ -195,7 +194,7 @@ def _probe(signum: int, frame: FrameType | None) -> None:
         "rss_kib": _rss_kib(),
         "threads": threading.active_count(),
     }
-    from verdant_trio.connections import ReplicaConnection
+    from verdant_trio.engine.connections import ReplicaConnection
 
     data["census"]["holders"] = [
         _holders(o, objects) for o in objects if isinstance(o, ReplicaConnection)

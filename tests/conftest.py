@@ -13,13 +13,13 @@ import httpx
 import pytest
 import trio
 
-from verdant_trio.app import AppSettings
-from verdant_trio.config import ServerSettings
-from verdant_trio.core import CoreSettings, VerdantCore
-from verdant_trio.daemon import Server
-from verdant_trio.libraries import LibrarySettings
-from verdant_trio.protocol import ReplicaType
-from verdant_trio.tokens import TokenProvider
+from verdant_trio.engine.core import VerdantCore
+from verdant_trio.engine.settings import CoreSettings, LibrarySettings
+from verdant_trio.service.config import ServerSettings
+from verdant_trio.service.daemon import Server
+from verdant_trio.sync.protocol import ReplicaType
+from verdant_trio.sync.tokens import TokenProvider
+from verdant_trio.transport.settings import AppSettings
 
 SECRET = "test-secret-0123456789abcdef0123456789"
 ADMIN_TOKEN = "admin-token-for-tests"

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from verdant_trio.protocol import ReplicaType
+from verdant_trio.sync.protocol import ReplicaType
 
 
 @dataclass(eq=False)

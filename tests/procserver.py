@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import trio
 
-from verdant_trio.protocol import ReplicaType
-from verdant_trio.tokens import TokenProvider
+from verdant_trio.sync.protocol import ReplicaType
+from verdant_trio.sync.tokens import TokenProvider
 
 SECRET = "procserver-secret-0123456789abcdef012"
 ADMIN = "procserver-admin-token-0123456789abc"
@@ -78,7 +78,7 @@ class ServerProcess:
         return self.process.pid
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "verdant_trio.cli", "serve", "--config", str(self.write_config())]
+        return [sys.executable, "-m", "verdant_trio.service.cli", "serve", "--config", str(self.write_config())]
 
     def token(self, library: str, user: str, type: ReplicaType = ReplicaType.REALTIME) -> str:
         return TokenProvider(SECRET).get_token(library, user, self.sync_url, type=type)

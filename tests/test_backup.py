@@ -12,8 +12,8 @@ from typing import Any
 import apsw
 import trio
 
-from verdant_trio.backup import ProgressBar, backup_all
 from verdant_trio.client import connect, timestamp
+from verdant_trio.service.backup import ProgressBar, backup_all
 from verdant_trio.storage.shard import Shard
 
 from .conftest import SECRET, RunningServer
@@ -73,7 +73,7 @@ async def test_backup_during_writes_holds_everything_acknowledged_before(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_writing, stop)
             result = await trio.run_process(
-                [sys.executable, "-m", "verdant_trio.cli", "backup", "--config", str(config),
+                [sys.executable, "-m", "verdant_trio.service.cli", "backup", "--config", str(config),
                  "--out", str(out), "--progress"],
                 capture_stdout=True, capture_stderr=True, check=False,
             )  # fmt: skip
@@ -124,7 +124,7 @@ def test_backup_reads_commits_still_in_the_wal_and_closed_shards(tmp_path: Path)
 def test_backup_refuses_to_write_into_the_databases(tmp_path: Path) -> None:
     (tmp_path / "dbs").mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "verdant_trio.cli", "backup", "--databases-dir", str(tmp_path / "dbs"),
+        [sys.executable, "-m", "verdant_trio.service.cli", "backup", "--databases-dir", str(tmp_path / "dbs"),
          "--out", str(tmp_path / "dbs")],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip

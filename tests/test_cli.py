@@ -9,10 +9,10 @@ import orjson
 import pytest
 import trio
 
-from verdant_trio import cli
 from verdant_trio.client import connect, timestamp
-from verdant_trio.protocol import ReplicaType
-from verdant_trio.tokens import TokenVerifier
+from verdant_trio.service import cli
+from verdant_trio.sync.protocol import ReplicaType
+from verdant_trio.sync.tokens import TokenVerifier
 
 from .conftest import ADMIN_TOKEN, SECRET, RunningServer
 

@@ -10,8 +10,8 @@ import trio
 from trio_websocket import HandshakeError
 
 from verdant_trio.client import connect, timestamp
-from verdant_trio.config import ProfilesSettings
-from verdant_trio.library import LibraryCore
+from verdant_trio.service.config import ProfilesSettings
+from verdant_trio.sync.decisions import LibraryCore
 
 pytestmark = pytest.mark.trio
 
@@ -116,8 +116,8 @@ async def test_the_idle_sweep_keeps_no_departed_connection_alive(
     import gc
     import weakref
 
-    from verdant_trio.core import CoreSettings, VerdantCore
-    from verdant_trio.libraries import LibrarySettings
+    from verdant_trio.engine.core import VerdantCore
+    from verdant_trio.engine.settings import CoreSettings, LibrarySettings
 
     core = VerdantCore(
         CoreSettings(LibrarySettings(databases_dir=tmp_path)), token_secret="s" * 32

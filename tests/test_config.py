@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from verdant_trio import cli
-from verdant_trio.app import AppSettings
-from verdant_trio.config import (
+from verdant_trio.engine.settings import CoreSettings, LibrarySettings
+from verdant_trio.service import cli
+from verdant_trio.service.config import (
     EXIT_CONFIG,
     KEYS,
     SCHEMA,
@@ -19,9 +19,8 @@ from verdant_trio.config import (
     load_config,
     render_example,
 )
-from verdant_trio.core import CoreSettings
-from verdant_trio.libraries import LibrarySettings
-from verdant_trio.logs import LogSettings
+from verdant_trio.service.logs import LogSettings
+from verdant_trio.transport.settings import AppSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "config-test-secret-0123456789"
@@ -253,7 +252,7 @@ def test_a_reload_tells_which_changes_need_a_restart(tmp_path: Path) -> None:
 def test_the_process_exits_non_zero_without_starting(tmp_path: Path) -> None:
     path = write(tmp_path, SECRET_LINE + "[limits]\nmax_connections = -1\n")
     result = subprocess.run(
-        [sys.executable, "-m", "verdant_trio.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "verdant_trio.service.cli", "serve", "--config", str(path)],
         capture_output=True, text=True, timeout=30, cwd=tmp_path,
     )
     assert result.returncode == EXIT_CONFIG

@@ -23,12 +23,13 @@ import orjson
 import pytest
 import trio
 
-from verdant_trio import logs
 from verdant_trio.client import Closed, connect, timestamp
-from verdant_trio.config import load_config
-from verdant_trio.daemon import Server
-from verdant_trio.profiles import CallableProfiles, DefaultProfiles
-from verdant_trio.tokens import TokenProvider
+from verdant_trio.engine.profiles import DefaultProfiles
+from verdant_trio.service import logs
+from verdant_trio.service.config import load_config
+from verdant_trio.service.daemon import Server
+from verdant_trio.service.profiles import CallableProfiles
+from verdant_trio.sync.tokens import TokenProvider
 
 from .interop.harness import free_port
 
@@ -103,7 +104,7 @@ async def systemd_daemon(tmp_path: Path, *, watchdog_usec: int | None = None) ->
 
     with sock, open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "verdant_trio.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "verdant_trio.service.cli", "serve", "--config", str(config)],
             env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
         )
         async with trio.open_nursery() as nursery:

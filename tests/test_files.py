@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from verdant_trio.client import connect, timestamp
-from verdant_trio.libraries import LibraryHost
-from verdant_trio.protocol import ReplicaType
+from verdant_trio.engine.library import LibraryHost
+from verdant_trio.sync.protocol import ReplicaType
 
 from .conftest import RunningServer
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.protocol import Protocol, Side
 
-from verdant_trio.frames import (
+from verdant_trio.transport.upgrade import (
     FrameBoundaries,
     accept_response,
     fit_close_reason,
@@ -84,7 +84,7 @@ def test_handshake_answers() -> None:
     assert b"Sec-WebSocket-Protocol: Bearer\r\n" in answer and answer.endswith(b"\r\n\r\n")
     assert b"Sec-WebSocket-Protocol" not in accept_response(KEY)
     assert b"Sec-WebSocket-Extensions" not in accept_response(KEY)
-    from verdant_trio.frames import refusal_response
+    from verdant_trio.transport.upgrade import refusal_response
 
     refusal = refusal_response(401, b'{"code":4011}')
     assert refusal.startswith(b"HTTP/1.1 401 Unauthorized\r\n")

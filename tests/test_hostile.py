@@ -460,8 +460,8 @@ async def _connections_open(server: ServerProcess) -> float:
 async def test_a_send_racing_hypercorns_close_is_a_disconnect() -> None:
     """What the hostile runs above hit about once in a hundred connections, made deterministic:
     the send callable fails the way hypercorn's does when its own close is in progress."""
-    from verdant_trio.app import AsgiWebSocket
-    from verdant_trio.connections import Disconnected
+    from verdant_trio.sync.errors import Disconnected
+    from verdant_trio.transport.app import AsgiWebSocket
 
     async def receive() -> dict[str, Any]:
         await trio.sleep_forever()

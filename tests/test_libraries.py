@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import trio
 
-from verdant_trio.libraries import Libraries, LibrarySettings
-from verdant_trio.protocol import ReplicaType, validate_client_message
+from verdant_trio.engine.registry import Libraries
+from verdant_trio.engine.settings import LibrarySettings
+from verdant_trio.sync.protocol import ReplicaType, validate_client_message
 
 from .fakes import RecordingPeer
 
@@ -197,7 +198,7 @@ async def test_http_presence_expires_into_presence_offline(tmp_path: Path) -> No
 
 
 async def test_a_failing_message_does_not_undo_the_rest_of_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from verdant_trio import library
+    from verdant_trio.sync import decisions as library
 
     original = library.LibraryCore._handle_presence
 

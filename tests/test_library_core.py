@@ -7,10 +7,10 @@ from typing import Any
 import orjson
 import pytest
 
-from verdant_trio.libraries import encode_sends
-from verdant_trio.library import LibraryCore, Outcome, decode_nonce
-from verdant_trio.protocol import ReplicaType, validate_client_message
+from verdant_trio.engine.library import encode_sends
 from verdant_trio.storage.shard import Shard
+from verdant_trio.sync.decisions import LibraryCore, Outcome, decode_nonce
+from verdant_trio.sync.protocol import ReplicaType, validate_client_message
 
 from .fakes import RecordingPeer
 
@@ -55,7 +55,7 @@ class Harness:
     def ack_all(self, peer: RecordingPeer, replica: str, ts: str) -> None:
         """What a caught-up client does: ack the newest server order and a timestamp."""
         order = self.shard.latest_server_order()
-        from verdant_trio.library import encode_nonce
+        from verdant_trio.sync.decisions import encode_nonce
 
         self.send(peer, {"type": "ack", "replicaId": replica, "nonce": encode_nonce(order)})
         self.send(peer, {"type": "ack", "replicaId": replica, "timestamp": ts})
@@ -197,7 +197,7 @@ def test_truant_replica_reset_receives_complete_history(h: Harness) -> None:
     for i in range(5):
         h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(10 + i), "operations": [op(f"items/{i}", t(10 + i), {"op": "initialize", "value": {"i": i}})]})
     # bob has seen the first three
-    from verdant_trio.library import encode_nonce
+    from verdant_trio.sync.decisions import encode_nonce
 
     h.send(b, {"type": "ack", "replicaId": "rb", "nonce": encode_nonce(3)})
     assert h.shard.force_truant("rb")
@@ -209,7 +209,7 @@ def test_truant_replica_reset_receives_complete_history(h: Harness) -> None:
 def test_up_to_date_truant_replica_is_not_reset(h: Harness) -> None:
     a = h.peer("alice")
     h.sync(a, "ra", t(1), operations=[op("items/1", t(1), {"op": "initialize", "value": {}})])
-    h.send(a, {"type": "ack", "replicaId": "ra", "nonce": __import__("verdant_trio.library", fromlist=["x"]).encode_nonce(1)})
+    h.send(a, {"type": "ack", "replicaId": "ra", "nonce": __import__("verdant_trio.sync.decisions", fromlist=["x"]).encode_nonce(1)})
     h.shard.force_truant("ra")
     resp = h.sync(a, "ra", t(5), since=t(1))
     assert resp["overwriteLocalData"] is False
@@ -410,7 +410,7 @@ def refusal(peer: RecordingPeer) -> dict[str, Any]:
 
 
 def test_an_op_private_to_another_user_is_refused_whole(h: Harness) -> None:
-    from verdant_trio.authz import only_user
+    from verdant_trio.sync.authz import only_user
 
     a, b = h.peer("alice"), h.peer("bob")
     h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
@@ -430,7 +430,7 @@ def test_an_op_private_to_another_user_is_refused_whole(h: Harness) -> None:
 
 
 def test_a_sync_with_a_baseline_private_to_another_user_stores_nothing(h: Harness) -> None:
-    from verdant_trio.authz import only_user
+    from verdant_trio.sync.authz import only_user
 
     m = h.peer("mallory")
     h.send(m, {
@@ -449,7 +449,7 @@ def test_the_originator_placeholder_means_the_sender_in_a_library_with_data(h: H
     reference rewrote it only when the sync had nothing to send back, so when someone else had
     written meanwhile the edits were stored with it and reached nobody, not even the sender's
     other devices."""
-    from verdant_trio.authz import ORIGINATOR_KEY, only_user
+    from verdant_trio.sync.authz import ORIGINATOR_KEY, only_user
 
     a = h.peer("alice")
     h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
@@ -478,7 +478,7 @@ def test_the_originator_placeholder_means_the_sender_in_a_library_with_data(h: H
 
 
 def test_an_op_with_the_placeholder_is_private_to_its_sender(h: Harness) -> None:
-    from verdant_trio.authz import ORIGINATOR_KEY, only_user
+    from verdant_trio.sync.authz import ORIGINATOR_KEY, only_user
 
     a = h.peer("alice")
     h.sync(a, "ra", t(2), operations=[op("items/1", t(1), {"op": "initialize", "value": {"v": 1}})])
@@ -488,7 +488,7 @@ def test_an_op_with_the_placeholder_is_private_to_its_sender(h: Harness) -> None
 
 
 def test_a_user_id_with_a_colon_is_told_it_cannot_own_private_data(h: Harness) -> None:
-    from verdant_trio.authz import ORIGINATOR_KEY
+    from verdant_trio.sync.authz import ORIGINATOR_KEY
 
     g = h.peer("github:123")
     h.send(g, {"type": "op", "replicaId": "rg", "timestamp": t(2),

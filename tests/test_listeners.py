@@ -21,7 +21,7 @@ from wsproto.events import (
 )
 
 from verdant_trio.client import connect, sync_message, timestamp
-from verdant_trio.connections import ConnectionSettings
+from verdant_trio.engine.settings import ConnectionSettings
 
 from .conftest import RunningServer
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from verdant_trio import logs
-from verdant_trio.logs import (
+from verdant_trio.service import logs
+from verdant_trio.service.logs import (
     LogSettings,
     StructuredFormatter,
     journal_is_stderr,

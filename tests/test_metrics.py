@@ -11,12 +11,11 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from verdant_trio.client import connect, timestamp
-from verdant_trio.core import CoreSettings
-from verdant_trio.health import Health
-from verdant_trio.libraries import LibrarySettings
-from verdant_trio.library import encode_nonce
-from verdant_trio.metrics import PrometheusObserver
-from verdant_trio.protocol import ReplicaType
+from verdant_trio.engine.settings import CoreSettings, LibrarySettings
+from verdant_trio.service.health import Health
+from verdant_trio.service.metrics import PrometheusObserver
+from verdant_trio.sync.decisions import encode_nonce
+from verdant_trio.sync.protocol import ReplicaType
 
 from .conftest import RunningServer
 

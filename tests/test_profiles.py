@@ -17,16 +17,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from verdant_trio.client import connect
-from verdant_trio.config import ProfilesSettings
-from verdant_trio.daemon import profile_source
-from verdant_trio.profiles import (
+from verdant_trio.engine.profiles import (
     CachedProfiles,
-    CallableProfiles,
     DefaultProfiles,
-    HttpProfiles,
     ProfileLookupError,
-    load_callable,
 )
+from verdant_trio.service.config import ProfilesSettings
+from verdant_trio.service.daemon import profile_source
+from verdant_trio.service.profiles import CallableProfiles, HttpProfiles, load_callable
 
 from .conftest import RunningServer
 

@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from verdant_trio.client import VerdantClient, connect, timestamp
-from verdant_trio.library import decode_nonce
-from verdant_trio.protocol import ReplicaType
+from verdant_trio.sync.decisions import decode_nonce
+from verdant_trio.sync.protocol import ReplicaType
 
 from .conftest import RunningServer
 

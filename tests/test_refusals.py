@@ -27,9 +27,10 @@ import trio
 import trio.testing
 
 from verdant_trio.client import connect
-from verdant_trio.errors import ErrorCode
-from verdant_trio.linger import LingerSettings, lingering_close
-from verdant_trio.listeners import ReplayStream
+from verdant_trio.sync.errors import ErrorCode
+from verdant_trio.transport.linger import lingering_close
+from verdant_trio.transport.listeners import ReplayStream
+from verdant_trio.transport.settings import LingerSettings
 
 from .interop.harness import NODE_DIR, node_binary
 from .procserver import ServerProcess
@@ -430,7 +431,7 @@ async def test_lingering_close_stops_at_the_total_time_bound(caplog: pytest.LogC
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    caplog.set_level(logging.INFO, "verdant_trio.linger")
+    caplog.set_level(logging.INFO, "verdant_trio.transport.linger")
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trickle)
@@ -444,7 +445,7 @@ async def test_lingering_close_stops_at_the_total_time_bound(caplog: pytest.LogC
 async def test_lingering_close_ends_as_soon_as_the_client_closes(caplog: pytest.LogCaptureFixture) -> None:
     ours, theirs = trio.socket.socketpair()
     stream, peer = trio.SocketStream(ours), trio.SocketStream(theirs)
-    caplog.set_level(logging.INFO, "verdant_trio.linger")
+    caplog.set_level(logging.INFO, "verdant_trio.transport.linger")
 
     async def client() -> None:
         await peer.send_all(bytes(300 * 1024))

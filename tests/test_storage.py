@@ -165,8 +165,8 @@ def test_long_file_names_keep_their_extension() -> None:
 def test_the_per_replica_caches_are_bounded(tmp_path: Path) -> None:
     """Replica ids that never depart through a websocket (HTTP replicas) still cannot grow the
     caches without bound: past the bound the oldest goes, and is read again when it speaks."""
-    from verdant_trio.protocol import ReplicaType
     from verdant_trio.storage.shard import REPLICA_CACHE_ENTRIES, Shard
+    from verdant_trio.sync.protocol import ReplicaType
 
     shard = Shard.open(tmp_path / "lib.sqlite")
     ids = [f"r{i}" for i in range(REPLICA_CACHE_ENTRIES + 10)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from verdant_trio.notify import (
+from verdant_trio.service.notify import (
     SystemdNotifier,
     parse_notify_address,
     watchdog_interval_s,

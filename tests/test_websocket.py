@@ -14,9 +14,9 @@ import trio.lowlevel
 from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Protocol, Side
 
-from verdant_trio.budget import MEMORY_PER_BYTE, MemoryBudget
-from verdant_trio.connections import Disconnected
-from verdant_trio.websocket import CONTROL_BURST, StreamWebSocket
+from verdant_trio.engine.budget import MEMORY_PER_BYTE, MemoryBudget
+from verdant_trio.sync.errors import Disconnected
+from verdant_trio.transport.websocket import CONTROL_BURST, StreamWebSocket
 
 from .wsframes import masked
 

@@ -4,12 +4,12 @@ The embedding API: `create_verdant` returns a `Verdant` whose blueprint serves t
 inside your Quart-Trio app; `TokenProvider` mints the tokens your app hands to clients.
 """
 
-from .core import VerdantCore
-from .embed import Verdant, create_verdant
-from .errors import ErrorCode, VerdantError
-from .files import FileStorage, LocalFileStorage
-from .protocol import ReplicaType
-from .tokens import TokenInfo, TokenProvider, TokenVerifier
+from .engine.core import VerdantCore
+from .service.embed import Verdant, create_verdant
+from .storage.files import FileStorage, LocalFileStorage
+from .sync.errors import ErrorCode, VerdantError
+from .sync.protocol import ReplicaType
+from .sync.tokens import TokenInfo, TokenProvider, TokenVerifier
 
 __all__ = [
     "ErrorCode",

@@ -17,7 +17,7 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from .protocol import ReplicaType  # re-exported for tool authors
+from .sync.protocol import ReplicaType
 
 __all__ = ["Closed", "ReplicaType", "VerdantClient", "connect", "timestamp"]
 

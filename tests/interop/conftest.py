@@ -67,7 +67,7 @@ def library_id() -> str:
 async def verdant_server(tmp_path: Path, interop_log_dir: Path) -> AsyncIterator[ServerProcess]:
     """The server under test, in its own temp working directory.
 
-    Default: our server (``python -m verdant_trio.cli quickstart``); set
+    Default: our server (``python -m verdant_trio.service.cli quickstart``); set
     ``VERDANT_INTEROP_SERVER_CMD`` (with a ``{port}`` placeholder) to use
     another one.
     """

@@ -4,7 +4,7 @@ Server side
     ``free_port()``, ``start_server(cmd, cwd=..., port=...)`` -> ``ServerProcess``
     ``server_command(port)`` picks the command: ``$VERDANT_INTEROP_SERVER_CMD``
     (shell-style string, ``{port}`` placeholder) or, by default, our own server
-    (``python -m verdant_trio.cli quickstart --port N``).
+    (``python -m verdant_trio.service.cli quickstart --port N``).
 
 Client side
     ``NodeClient.open(...)`` spawns ``node --import register.mjs driver.mjs``
@@ -100,7 +100,7 @@ def server_host() -> str:
 
 
 def default_server_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "verdant_trio.cli", "quickstart", "--port", str(port)]
+    return [sys.executable, "-m", "verdant_trio.service.cli", "quickstart", "--port", str(port)]
 
 
 def server_command(port: int, override: str | None = None) -> list[str]:

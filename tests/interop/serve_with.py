@@ -17,8 +17,8 @@ from pathlib import Path
 
 import trio
 
-from verdant_trio.config import quickstart_settings
-from verdant_trio.daemon import run_until_signalled
+from verdant_trio.service.config import quickstart_settings
+from verdant_trio.service.daemon import run_until_signalled
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from verdant_trio.client import connect, timestamp
-from verdant_trio.libraries import LibrarySettings
+from verdant_trio.engine.settings import LibrarySettings
 
 from .conftest import ClientFactory
 from .harness import (

@@ -16,8 +16,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from verdant_trio import authz
-from verdant_trio.authz import ORIGINATOR_KEY, claim, key_problem, only_user, visible_to
+from verdant_trio.sync import authz
+from verdant_trio.sync.authz import (
+    ORIGINATOR_KEY,
+    claim,
+    key_problem,
+    only_user,
+    visible_to,
+)
 
 
 def b64(text: bytes) -> str:

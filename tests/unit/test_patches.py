@@ -1,4 +1,4 @@
-"""Unit tests for verdant_trio.patches.
+"""Unit tests for verdant_trio.sync.patches.
 
 Expected values are what the reference `applyPatch` (@verdant-web/common, HEAD for `list-set`
 and `list-remove`) computes, serialised with JSON.stringify; test_patches_differential.py
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from verdant_trio.patches import (
+from verdant_trio.sync.patches import (
     MAX_SPARSE_LENGTH,
     PatchError,
     apply_operations,

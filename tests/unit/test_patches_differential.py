@@ -1,4 +1,4 @@
-"""Differential test: verdant_trio.patches against the real JavaScript `applyOperations`.
+"""Differential test: verdant_trio.sync.patches against the real JavaScript `applyOperations`.
 
 Random operation sequences go through `@verdant-web/common@2.3.1` (one Node process for the
 whole module, cases batched over stdin/stdout, see js/apply_patches.mjs) and through
@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from verdant_trio.patches import (
+from verdant_trio.sync.patches import (
     PatchError,
     apply_operations,
     is_file_ref,

@@ -1,5 +1,2 @@
-"""Per-library SQLite shards compatible with the Node server's `sqlShard` storage."""
-
-from .shard import Shard
-
-__all__ = ["Shard"]
+"""Where libraries live: the APSW shard per library (the Node server's `sqlShard` schema), safe
+names on disk, and file storage. Imports only `sync`."""

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Final
 
-from ..errors import ErrorCode, VerdantError
+from ..sync.errors import ErrorCode, VerdantError
 
 _SAFE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 ENCODED_PREFIX: Final = "~"

@@ -21,7 +21,8 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from . import authz, patches
+from ..storage.shard import Shard
+from ..sync import authz, patches
 from .errors import ErrorCode
 from .presence import PresenceState
 from .protocol import (
@@ -35,7 +36,7 @@ from .protocol import (
     Sync,
     SyncAck,
 )
-from .storage.shard import HistorySlice, ReplicaRow, Shard, StoredOperation
+from .store import HistorySlice, ReplicaRow, StoredOperation
 
 log = logging.getLogger(__name__)
 

@@ -19,54 +19,32 @@ Queue policies (every queue is bounded):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .registry import Libraries
+
 import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import trio
 
-from . import authz
-from .errors import ErrorCode, VerdantError
-from .library import LibraryCore, Outcome, Peer, RebaseResult, Send
+from ..storage.shard import Shard
+from ..sync import authz
+from ..sync.decisions import LibraryCore, Outcome, Peer, RebaseResult, Send
+from ..sync.errors import ErrorCode, VerdantError
+from ..sync.protocol import Ack, ClientMessage, Op, Sync, encode
 from .observe import NULL_OBSERVER, Observer
-from .protocol import Ack, ClientMessage, Op, Sync, encode
-from .storage.names import encode_id
-from .storage.shard import Shard
+from .settings import LibrarySettings
 
 log = logging.getLogger(__name__)
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class LibrarySettings:
-    databases_dir: Path
-    truancy_minutes: float = 7 * 24 * 60
-    file_expiration_days: float = 14
-    idle_close_s: float = 60.0 * 60
-    inbox_size: int = 256
-    max_batch: int = 256
-    batch_window_s: float = 0.05
-    batch_min_peers: int = 8
-    """Linger for batches only with at least this many peers (fan-out is what batching saves)."""
-    global_ack_interval_s: float = 0.5
-    """At most one `global-ack` broadcast per interval (clients only use it to compact their
-    own history; every `op-re` carries the current value as well)."""
-    rebase_interval_s: float = 1.0
-    http_presence_ttl_s: float = 60.0
-    synchronous: str = "NORMAL"
-    """WAL + NORMAL, as the Node server (better-sqlite3 builds with that default): a commit
-    survives a process crash; FULL adds an fsync per batch so it survives a power cut too."""
-    rebase: bool = True
-    coalesce_ticks: int = 2
-    """Scheduler ticks a batch of operations waits for the rest of the same wake-up."""
-
-    def shard_path(self, library_id: str) -> Path:
-        return self.databases_dir / f"{encode_id(library_id, 'library id')}.sqlite"
 
 
 @dataclass(slots=True)
@@ -105,9 +83,15 @@ class _Wake:
 
 
 Envelope = _Message | _Attach | _Http | _Call | _Wake
+
+
 Work = _Message | _Http | _Call
 """Envelopes handled in a batch transaction."""
+
+
 _WAKE: Final = _Wake()
+
+
 INLINE_HISTORY_ROWS: Final = 512
 """A batch without operations, in a library whose history (operations and baselines) is at most
 this many rows, runs on the event loop instead of in a worker thread. Measured, a worker-thread
@@ -630,79 +614,3 @@ class LibraryHost:
             # Hint to clients that they can compact too (the reference does this after every
             # compaction pass).
             self._global_ack_pending = True
-
-
-class Libraries:
-    """The registry of active libraries; their tasks live in this object's nursery."""
-
-    def __init__(
-        self,
-        settings: LibrarySettings,
-        nursery: trio.Nursery,
-        observer: Observer = NULL_OBSERVER,
-    ) -> None:
-        self.settings = settings
-        self._nursery = nursery
-        self._observer = observer
-        self._hosts: dict[str, LibraryHost] = {}
-        self._closing: dict[str, LibraryHost] = {}
-        self._starting: dict[str, trio.Event] = {}
-        self.on_empty: Callable[[LibraryHost], None] | None = None
-
-    def _forget(self, host: LibraryHost) -> None:
-        if self._hosts.get(host.id) is host:
-            del self._hosts[host.id]
-            self._closing[host.id] = host
-
-    @property
-    def active(self) -> dict[str, LibraryHost]:
-        return self._hosts
-
-    @contextlib.asynccontextmanager
-    async def use(self, library_id: str) -> AsyncIterator[LibraryHost]:
-        """Hold a library open for the duration of a connection or request."""
-        host = await self._acquire(library_id)
-        try:
-            yield host
-        finally:
-            host.refs -= 1
-
-    async def _acquire(self, library_id: str) -> LibraryHost:
-        while True:
-            host = self._hosts.get(library_id)
-            if host is not None and host.accepting:
-                host.refs += 1
-                return host
-            starting = self._starting.get(library_id)
-            if starting is not None:
-                await starting.wait()
-                continue
-            previous = self._closing.get(library_id)
-            if previous is not None and not previous.closed.is_set():
-                await previous.closed.wait()
-                continue
-            self._closing.pop(library_id, None)
-            event = self._starting[library_id] = trio.Event()
-            try:
-                host = LibraryHost(library_id, self.settings, self, self._observer)
-                host.on_empty = self.on_empty
-                await self._nursery.start(self._supervise, host)
-                self._hosts[library_id] = host
-            finally:
-                del self._starting[library_id]
-                event.set()
-
-    async def _supervise(
-        self, host: LibraryHost, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """A library task that fails must not take the server down with it."""
-        try:
-            await host.run(task_status=task_status)
-        except Exception:
-            if host.core is None:
-                raise  # failed to open: `start` re-raises it to the caller that asked
-            log.exception("library task crashed; its clients will reconnect library=%s", host.id)
-
-    def stop_all(self) -> None:
-        for host in list(self._hosts.values()):
-            host.stop()

@@ -39,9 +39,9 @@ import trio
 from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.protocol import Event, Protocol, Side, State
 
-from .budget import MEMORY_PER_BYTE, MemoryBudget, MessageTooLarge, Reservation
-from .connections import Disconnected
-from .frames import (
+from ..engine.budget import MEMORY_PER_BYTE, MemoryBudget, MessageTooLarge, Reservation
+from ..sync.errors import Disconnected
+from .upgrade import (
     FrameBoundaries,
     accept_response,
     fit_close_reason,

@@ -21,12 +21,12 @@ from typing import Any
 from quart import Blueprint
 from quart_trio import QuartTrio
 
-from .app import file_serving_blueprint, sync_blueprint
-from .core import CoreSettings, VerdantCore
-from .files import FileStorage, LocalFileStorage
-from .libraries import LibrarySettings
-from .observe import NULL_OBSERVER, Observer
-from .profiles import ProfileSource
+from ..engine.core import VerdantCore
+from ..engine.observe import NULL_OBSERVER, Observer
+from ..engine.profiles import ProfileSource
+from ..engine.settings import CoreSettings, LibrarySettings
+from ..storage.files import FileStorage, LocalFileStorage
+from ..transport.app import file_serving_blueprint, sync_blueprint
 
 
 class Verdant:

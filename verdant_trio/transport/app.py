@@ -12,7 +12,6 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, quote
@@ -23,22 +22,19 @@ from quart import Blueprint, Quart, Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .budget import Reservation
-from .connections import Disconnected, Transport
-from .core import VerdantCore
-from .errors import ErrorCode, VerdantError
-from .files import (
-    LocalFileStorage,
-    UploadTooLarge,
-    is_active_content,
-    open_multipart_file,
-    plan_file_response,
-)
-from .frames import UpgradeRequest
+from ..engine.budget import Reservation
+from ..engine.connections import Transport
+from ..engine.core import VerdantCore
+from ..storage.files import LocalFileStorage
+from ..storage.names import decode_name
+from ..sync.errors import Disconnected, ErrorCode, VerdantError
+from ..sync.protocol import ProtocolError, ReplicaType, decode_json
+from ..sync.tokens import TokenProvider
+from .file_responses import is_active_content, plan_file_response
+from .multipart import UploadTooLarge, open_multipart_file
+from .settings import AppSettings
+from .upgrade import UpgradeRequest
 from .websocket import StreamWebSocket
-from .protocol import ProtocolError, ReplicaType, decode_json
-from .storage.names import decode_name
-from .tokens import TokenProvider
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +44,6 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class AppSettings:
-    sync_path: str = "/verdant"
-    admin_path: str | None = "/admin"
-    admin_token: str | None = None
-    """None with `admin_open` False: admin API disabled."""
-    admin_open: bool = False
-    """Quickstart only: the admin API needs no token."""
-    dev_token_secret: str | None = None
-    """Quickstart only: serve `GET /auth/{library}` minting tokens with this secret."""
-    cors_origins: tuple[str, ...] | None = None
-    """None: reflect any origin, like the reference CLI server."""
-    max_body_bytes: int = 100 * 1024 * 1024
-    body_timeout_s: float = 300.0
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
 
 def _has_body(headers: Any) -> bool:

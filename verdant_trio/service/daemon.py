@@ -27,23 +27,18 @@ from typing import Any, Final
 import trio
 from hypercorn.config import Config as HypercornConfig
 
-from . import logs
-from .app import create_asgi_app
+from ..engine.core import VerdantCore, open_core
+from ..engine.observe import NULL_OBSERVER
+from ..engine.profiles import CachedProfiles, DefaultProfiles, ProfileSource
+from ..service import logs
+from ..storage.files import LocalFileStorage
+from ..transport.app import create_asgi_app
+from ..transport.listeners import Listeners
 from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerSettings
-from .core import VerdantCore, open_core
-from .files import LocalFileStorage
 from .health import Health, register_health
-from .listeners import Listeners
 from .metrics import PrometheusObserver, RequestHooks
 from .notify import SystemdNotifier
-from .observe import NULL_OBSERVER
-from .profiles import (
-    CachedProfiles,
-    DefaultProfiles,
-    HttpProfiles,
-    ProfileSource,
-    load_callable,
-)
+from .profiles import HttpProfiles, load_callable
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import orjson
 import trio
 from quart import Quart, Response, request
 
-from .core import VerdantCore
+from ..engine.core import VerdantCore
 from .metrics import PrometheusObserver
 
 log = logging.getLogger(__name__)

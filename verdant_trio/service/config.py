@@ -28,15 +28,17 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from .app import AppSettings
-from .budget import MEMORY_PER_BYTE
-from .connections import ConnectionSettings
-from .core import CoreSettings
-from .files import DEFAULT_MAX_UPLOAD_BYTES
-from .libraries import LibrarySettings
-from .linger import LingerSettings
+from ..engine.budget import MEMORY_PER_BYTE
+from ..engine.profiles import ProfileSource
+from ..engine.settings import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    ConnectionSettings,
+    CoreSettings,
+    LibrarySettings,
+)
+from ..transport.settings import AppSettings, LingerSettings
 from .logs import LOG_FORMATS, LOG_LEVELS, LogSettings
-from .profiles import ProfileSource, load_callable
+from .profiles import load_callable
 
 DEFAULT_MAX_MESSAGE_BYTES = 100 * 1024 * 1024
 """The reference accepts 100 MiB messages; a large first sync needs it (hypercorn's default is

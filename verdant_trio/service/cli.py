@@ -27,7 +27,9 @@ import httpx
 import orjson
 import trio
 
-from . import logs
+from ..service import logs
+from ..sync.protocol import ReplicaType
+from ..sync.tokens import TokenProvider, parse_duration_s
 from .backup import ProgressBar, backup_all, list_shards
 from .config import (
     EXIT_CONFIG,
@@ -39,8 +41,6 @@ from .config import (
 )
 from .daemon import run_daemon, run_until_signalled
 from .metrics import package_version
-from .protocol import ReplicaType
-from .tokens import TokenProvider, parse_duration_s
 
 log = logging.getLogger("verdant_trio.cli")
 

@@ -32,17 +32,13 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import trio
 
-from .budget import Reservation
-from .errors import ErrorCode
-from .libraries import LibraryGone
-from .library import decode_nonce
-from .observe import NULL_OBSERVER, Observer
-from .protocol import (
+from ..sync.decisions import decode_nonce
+from ..sync.errors import Disconnected, ErrorCode
+from ..sync.protocol import (
     Ack,
     ClientMessage,
     Heartbeat,
@@ -53,7 +49,11 @@ from .protocol import (
     parse_client_message,
     wire_type,
 )
-from .tokens import TokenInfo
+from ..sync.tokens import TokenInfo
+from .budget import Reservation
+from .library import LibraryGone
+from .observe import NULL_OBSERVER, Observer
+from .settings import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ _keys = itertools.count(1)
 
 def next_key() -> int:
     return next(_keys)
-
-
-class Disconnected(Exception):
-    """The websocket is gone (closed by the peer, or the transport failed)."""
 
 
 class Transport(Protocol):
@@ -160,17 +156,6 @@ def merge_acks(earlier: Ack | None, later: Ack) -> Ack:
         orders = [decode_nonce(n) for n in (earlier.nonce, later.nonce)]
         nonce = later.nonce if (orders[1] or 0) >= (orders[0] or 0) else earlier.nonce
     return Ack(replica_id=later.replica_id, timestamp=timestamp, nonce=nonce)
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionSettings:
-    outbound_queue: int = 1024
-    inbound_queue: int = 64
-    idle_timeout_s: float = 120.0
-    max_protocol_errors: int = 16
-    close_timeout_s: float = 2.0
-    slow_close_timeout_s: float = 30.0
-    """How long a slow consumer's close (1013) waits for it to read what is in flight."""
 
 
 def error_frame(message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> bytes:

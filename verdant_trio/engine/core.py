@@ -11,26 +11,15 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 import trio
 
-from .connections import (
-    CLOSE_GOING_AWAY,
-    ConnectionSettings,
-    HttpPeer,
-    ReplicaConnection,
-    Transport,
-)
-from .budget import MemoryBudget
-from .errors import ErrorCode, VerdantError
-from .files import DEFAULT_MAX_UPLOAD_BYTES, FileStorage, MultipartFile, StoredFile
-from .libraries import Libraries, LibraryHost, LibrarySettings
-from .library import LibraryCore
-from .observe import NULL_OBSERVER, Observer
-from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
-from .protocol import (
+from ..storage.files import FileStorage, StoredFile
+from ..storage.names import check_id, safe_file_name
+from ..sync.decisions import LibraryCore
+from ..sync.errors import ErrorCode, VerdantError
+from ..sync.protocol import (
     ClientMessage,
     Heartbeat,
     ProtocolError,
@@ -38,31 +27,20 @@ from .protocol import (
     validate_client_message,
     wire_type,
 )
-from .storage.names import check_id, safe_file_name
-from .tokens import TokenInfo, TokenVerifier
+from ..sync.tokens import TokenInfo, TokenVerifier
+from ..transport.multipart import MultipartFile
+from .budget import MemoryBudget
+from .connections import CLOSE_GOING_AWAY, HttpPeer, ReplicaConnection, Transport
+from .library import LibraryHost
+from .observe import NULL_OBSERVER, Observer
+from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
+from .registry import Libraries
+from .settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
 CLOSE_EVICTED: Final = 4001
 """Application close code sent to clients of an evicted library (they reconnect and re-upload)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CoreSettings:
-    libraries: LibrarySettings
-    connections: ConnectionSettings = field(default_factory=ConnectionSettings)
-    max_connections: int = 10_000
-    max_concurrent_syncs: int = 16
-    max_concurrent_handshakes: int = 64
-    handshake_timeout_s: float = 10.0
-    max_http_messages: int = 10_000
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
-    serve_active_content_inline: bool = False
-    """Serve uploaded HTML/SVG/JS as pages of our origin (off: they download as attachments)."""
-    message_memory_bytes: int = 384 * 1024 * 1024
-    """Memory large inbound websocket messages may hold at once (see `budget`)."""
-    message_memory_wait_s: float = 30.0
-    """How long a large message waits for its share before its connection is closed (1013)."""
 
 
 def sanitize_fragment(value: str) -> str:

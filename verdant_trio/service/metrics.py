@@ -25,9 +25,9 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import choose_encoder
 from quart import Quart, Response, g, request
 
-from .budget import MemoryBudget
-from .protocol import ReplicaType
-from .storage.shard import sqlite_memory_bytes
+from ..engine.budget import MemoryBudget
+from ..storage.shard import sqlite_memory_bytes
+from ..sync.protocol import ReplicaType
 
 access_log = logging.getLogger("verdant_trio.access")
 

@@ -31,15 +31,16 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState, LifespanState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from .budget import MemoryBudget
-from .frames import (
+from ..engine.budget import MemoryBudget
+from .linger import lingering_close
+from .settings import LingerSettings
+from .upgrade import (
     MAX_HEAD_BYTES,
     UpgradeRequest,
     could_be_upgrade,
     head_length,
     parse_upgrade,
 )
-from .linger import LingerSettings, lingering_close
 from .websocket import RECEIVE_BYTES, StreamWebSocket
 
 log = logging.getLogger(__name__)

@@ -41,3 +41,8 @@ class VerdantError(Exception):
     def to_body(self) -> dict[str, object]:
         """The JSON body clients recognise (`isVerdantErrorResponse`), plus a human message."""
         return {"code": int(self.code), "message": self.message}
+
+
+class Disconnected(Exception):
+    """The websocket is gone (closed by the peer, or the transport failed): the transports
+    raise it and the connections end on it, so it lives below both."""

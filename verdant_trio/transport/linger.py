@@ -15,27 +15,15 @@ a per-read timeout (a client that goes quiet), all in `LingerSettings` (`[limits
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Final
 
 import trio
 
+from .settings import LingerSettings
+
 log = logging.getLogger(__name__)
 
 DRAIN_BYTES: Final = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class LingerSettings:
-    """Bounds on the draining after a connection's last answer."""
-
-    timeout_s: float = 30.0
-    """Total time a closing connection may keep sending (nginx's `lingering_time`)."""
-    read_timeout_s: float = 5.0
-    """A closing connection that sends nothing for this long is closed (`lingering_timeout`)."""
-    max_bytes: int = 128 * 1024 * 1024
-    """Bytes read and discarded at most; room for a refused upload of the default maximum size
-    (100 MiB) to be read to its end."""
 
 
 async def lingering_close(stream: trio.SocketStream, settings: LingerSettings, client: str) -> None:
