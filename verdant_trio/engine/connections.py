@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from collections import deque
 from typing import Any, Final, Protocol
 
 import trio
 
+from ..sync.codes import CloseCode
 from ..sync.decisions import decode_nonce
 from ..sync.errors import Disconnected, ErrorCode
 from ..sync.protocol import (
@@ -57,13 +57,6 @@ from .settings import ConnectionSettings
 
 log = logging.getLogger(__name__)
 
-CLOSE_NORMAL: Final = 1000
-CLOSE_GOING_AWAY: Final = 1001
-CLOSE_POLICY: Final = 1008
-CLOSE_INTERNAL_ERROR: Final = 1011
-CLOSE_TRY_AGAIN_LATER: Final = 1013
-CLOSE_IDLE: Final = 4008
-"""Application close code: no frame (not even a heartbeat) within the idle timeout."""
 
 HEARTBEAT_RESPONSE: Final = encode({"type": "heartbeat-response"})
 _keys = itertools.count(1)
@@ -206,9 +199,9 @@ class ReplicaConnection:
         """Invalid messages so far; at `max_protocol_errors` the connection is closed."""
         self._room: trio.Event | None = None
         """Set when the forwarder takes from a full backlog (the reader waits for it)."""
-        self.last_heard = time.monotonic()
+        self.last_heard = trio.current_time()
         """When the last message arrived; see `close_if_idle`."""
-        self.close_code = CLOSE_NORMAL
+        self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
         self.closing = False
 
@@ -236,7 +229,7 @@ class ReplicaConnection:
                 self.library_id, self.user_id, self.replica_id, self._settings.outbound_queue,
             )
             self._observer.slow_consumer()
-            self.close_soon(CLOSE_TRY_AGAIN_LATER, "outbound queue full (slow consumer)")
+            self.close_soon(CloseCode.TRY_AGAIN_LATER, "outbound queue full (slow consumer)")
             return
         outbox.append(payload)
 
@@ -262,7 +255,7 @@ class ReplicaConnection:
         try:
             await host.attach(self)
         except LibraryGone:
-            await self._close(CLOSE_TRY_AGAIN_LATER, "library is restarting")
+            await self._close(CloseCode.TRY_AGAIN_LATER, "library is restarting")
             return
         try:
             async with trio.open_nursery() as nursery:
@@ -276,7 +269,7 @@ class ReplicaConnection:
                 except Disconnected:
                     self.closing = True
                 except LibraryGone:
-                    self.close_soon(CLOSE_TRY_AGAIN_LATER, "library is restarting")
+                    self.close_soon(CloseCode.TRY_AGAIN_LATER, "library is restarting")
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
@@ -290,7 +283,7 @@ class ReplicaConnection:
         """Bounded and shielded, so a shutdown still closes cleanly; a slow consumer's close
         may wait longer for the peer to read on (it sees 1013 when it does), but not shielded,
         so a shutdown cuts that wait short."""
-        slow = code == CLOSE_TRY_AGAIN_LATER
+        slow = code == CloseCode.TRY_AGAIN_LATER
         timeout_s = self._settings.slow_close_timeout_s if slow else self._settings.close_timeout_s
         with trio.move_on_after(timeout_s) as scope:
             scope.shield = not slow
@@ -308,7 +301,7 @@ class ReplicaConnection:
             "closing idle connection library=%s user=%s replica=%s",
             self.library_id, self.user_id, self.replica_id,
         )
-        self.close_soon(CLOSE_IDLE, "idle: no message or heartbeat")
+        self.close_soon(CloseCode.IDLE, "idle: no message or heartbeat")
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -319,7 +312,7 @@ class ReplicaConnection:
         reservations: list[Reservation] = []
         while True:
             message = self._parse(await transport.receive())
-            self.last_heard = time.monotonic()
+            self.last_heard = trio.current_time()
             if isinstance(message, Heartbeat):
                 self.deliver(HEARTBEAT_RESPONSE)
             elif message is not None:
@@ -345,7 +338,7 @@ class ReplicaConnection:
             )
             self.deliver(error_frame(str(exc)))
             if self._errors >= self._settings.max_protocol_errors:
-                self.close_soon(CLOSE_POLICY, "too many invalid messages")
+                self.close_soon(CloseCode.POLICY, "too many invalid messages")
             return None
         self._observer.message_in(wire_type(message))
         return message
@@ -398,7 +391,7 @@ class ReplicaConnection:
                     self._room.set()
                     self._room = None
         except LibraryGone:
-            self.close_soon(CLOSE_TRY_AGAIN_LATER, "library is restarting")
+            self.close_soon(CloseCode.TRY_AGAIN_LATER, "library is restarting")
         finally:
             if self._backlog is backlog:
                 self._drop_backlog()
@@ -448,6 +441,9 @@ class HttpPeer:
         self.payloads: list[bytes] = []
         self._max = max_messages
         self.truncated = False
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """A request ends with its batch; there is no connection to close."""
 
     def deliver(self, payload: bytes) -> None:
         # Bounded: a request lives for one batch, but broadcasts from other replicas in that

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any
 
 import trio
 
-from ..storage.files import FileStorage, StoredFile
+from ..storage.files import FileStorage, IncomingFile, StoredFile
 from ..storage.names import check_id, safe_file_name
+from ..sync.codes import CloseCode
 from ..sync.decisions import LibraryCore
 from ..sync.errors import ErrorCode, VerdantError
 from ..sync.protocol import (
@@ -28,9 +28,8 @@ from ..sync.protocol import (
     wire_type,
 )
 from ..sync.tokens import TokenInfo, TokenVerifier
-from ..transport.multipart import MultipartFile
 from .budget import MemoryBudget
-from .connections import CLOSE_GOING_AWAY, HttpPeer, ReplicaConnection, Transport
+from .connections import HttpPeer, ReplicaConnection, Transport
 from .library import LibraryHost
 from .observe import NULL_OBSERVER, Observer
 from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
@@ -39,8 +38,6 @@ from .settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
-CLOSE_EVICTED: Final = 4001
-"""Application close code sent to clients of an evicted library (they reconnect and re-upload)."""
 
 
 def sanitize_fragment(value: str) -> str:
@@ -114,7 +111,7 @@ class VerdantCore:
         interval_s = min(self.settings.connections.idle_timeout_s / 4, 5.0)
         while True:
             await trio.sleep(interval_s)
-            self._sweep_idle(time.monotonic())
+            self._sweep_idle(trio.current_time())
 
     def _sweep_idle(self, now: float) -> None:
         # A function of its own: a loop variable in the task above would keep the last
@@ -190,7 +187,7 @@ class VerdantCore:
                 )
                 self.connections.add(connection)
                 if self.shutting_down:  # the handshake finished after the close-all sweep
-                    connection.close_soon(CLOSE_GOING_AWAY, "server shutting down")
+                    connection.close_soon(CloseCode.GOING_AWAY, "server shutting down")
                 self.observer.connection_opened("websocket", int(info.type))
                 try:
                     await connection.serve(_LimitedHost(host, self.sync_limiter))
@@ -328,7 +325,7 @@ class VerdantCore:
             deleted = await self.delete_files(host, files)
             if self.file_storage is not None and deleted == len(files):
                 await self.file_storage.delete_library(library_id)
-            closed = host.disconnect_all(CLOSE_EVICTED, "library evicted; resync")
+            closed = host.disconnect_all(CloseCode.EVICTED, "library evicted; resync")
         log.warning(
             "library evicted library=%s clients_closed=%d files_deleted=%d",
             library_id, closed, deleted,
@@ -380,7 +377,7 @@ class VerdantCore:
 
     # -- file uploads -----------------------------------------------------------------------
 
-    async def upload(self, info: TokenInfo, file_id: str, upload: MultipartFile) -> StoredFile:
+    async def upload(self, info: TokenInfo, file_id: str, upload: IncomingFile) -> StoredFile:
         """Store an uploaded file, then its metadata; only then may the client be answered."""
         if self.file_storage is None:
             raise VerdantError(ErrorCode.NO_FILE_STORAGE, "file storage is not configured")
@@ -419,7 +416,7 @@ class VerdantCore:
         """Refuse new work and tell every connected replica the server is going away."""
         self.shutting_down = True
         for connection in list(self.connections):
-            connection.close_soon(CLOSE_GOING_AWAY, "server shutting down")
+            connection.close_soon(CloseCode.GOING_AWAY, "server shutting down")
 
 
 class _LimitedHost:

@@ -36,6 +36,7 @@ import trio
 
 from ..storage.shard import Shard
 from ..sync import authz
+from ..sync.codes import CloseCode
 from ..sync.decisions import LibraryCore, Outcome, Peer, RebaseResult, Send
 from ..sync.errors import ErrorCode, VerdantError
 from ..sync.protocol import Ack, ClientMessage, Op, Sync, encode
@@ -177,7 +178,7 @@ class LibraryHost:
         self._rebase_due = False
         self._last_rebase_at = -math.inf
         self._last_ops_at = -math.inf
-        self._last_activity = time.monotonic()
+        self._last_activity = trio.current_time()
         self.on_empty: Callable[[LibraryHost], None] | None = None
 
     # -- used by connections and HTTP handlers ----------------------------------------------
@@ -266,7 +267,7 @@ class LibraryHost:
                 await self._loop()
         finally:
             self.accepting = False
-            self._registry._forget(self)
+            self._registry.forget(self)
             self._send.close()
             self._fail_pending()
             with trio.CancelScope(shield=True):
@@ -282,13 +283,10 @@ class LibraryHost:
         """Close every realtime peer (eviction, shutdown); they reconnect and resync."""
         if self.core is None:
             return 0
-        closed = 0
-        for peer in list(self.core.peers.values()):
-            close = getattr(peer, "close_soon", None)
-            if close is not None:
-                close(code, reason)
-                closed += 1
-        return closed
+        realtime = [peer for peer in self.core.peers.values() if peer.realtime]
+        for peer in realtime:
+            peer.close_soon(code, reason)
+        return len(realtime)
 
     def _fail_pending(self) -> None:
         while True:
@@ -313,7 +311,7 @@ class LibraryHost:
                     batch.append(await self._receive.receive())
             await self._gather(batch)
             if batch:
-                self._last_activity = time.monotonic()
+                self._last_activity = trio.current_time()
                 await self._process(batch)
                 # Handled: nothing of it (a large sync's parsed form, say) may stay alive through
                 # the compaction pass that often follows.
@@ -361,7 +359,7 @@ class LibraryHost:
             self._last_ops_at = trio.current_time()
 
     def _next_timer_in(self) -> float:
-        now = time.monotonic()
+        now = trio.current_time()
         deadlines = [now + 5.0]
         if self._global_ack_pending:
             deadlines.append(self._last_global_ack_at + self.settings.global_ack_interval_s)
@@ -376,14 +374,14 @@ class LibraryHost:
     def _should_close(self) -> bool:
         if self.refs or self._http_leases or self._detached:
             return False
-        if time.monotonic() - self._last_activity < self.settings.idle_close_s:
+        if trio.current_time() - self._last_activity < self.settings.idle_close_s:
             return False
         if self._send.statistics().current_buffer_used:
             return False
         # Closing is decided synchronously with the registry update, so no caller can grab a
         # host that is about to go.
         self.accepting = False
-        self._registry._forget(self)
+        self._registry.forget(self)
         return True
 
     # -- batches ----------------------------------------------------------------------------
@@ -402,7 +400,7 @@ class LibraryHost:
             if isinstance(envelope, _Http):
                 core.attach(envelope.peer)
                 self._http_leases[envelope.peer.user_id] = (
-                    time.monotonic() + self.settings.http_presence_ttl_s,
+                    trio.current_time() + self.settings.http_presence_ttl_s,
                     None,
                 )
         try:
@@ -423,7 +421,7 @@ class LibraryHost:
                 if isinstance(envelope, _Http):
                     core.detach(envelope.peer)
                     self._http_leases[envelope.peer.user_id] = (
-                        time.monotonic() + self.settings.http_presence_ttl_s,
+                        trio.current_time() + self.settings.http_presence_ttl_s,
                         envelope.peer.replica_id,
                     )
         outcome, encoded, global_ack = result
@@ -491,7 +489,7 @@ class LibraryHost:
             undo()
             log.exception(
                 "message failed and was rolled back library=%s user=%s replica=%s type=%s",
-                self.id, peer.user_id, getattr(message, "replica_id", None),
+                self.id, peer.user_id, message.replica_id,
                 type(message).__name__,
             )
             outcome.sends.append(
@@ -506,9 +504,7 @@ class LibraryHost:
                 envelope.error = error if isinstance(envelope, _Http) else exc
                 envelope.done.set()
             elif isinstance(envelope, _Message):
-                close = getattr(envelope.peer, "close_soon", None)
-                if close is not None:
-                    close(1011, "server error; reconnect to resync")
+                envelope.peer.close_soon(CloseCode.INTERNAL_ERROR, "server error; reconnect to resync")
                 if envelope.done is not None:
                     envelope.done.set()
 
@@ -552,7 +548,7 @@ class LibraryHost:
     async def _timers(self) -> None:
         core = self.core
         assert core is not None
-        now = time.monotonic()
+        now = trio.current_time()
         if self._http_leases:
             outcome = Outcome()
             for user, (expiry, replica_id) in list(self._http_leases.items()):
@@ -579,23 +575,23 @@ class LibraryHost:
         if ack is None or ack == self._global_ack_sent:
             return
         self._global_ack_sent = ack
-        self._last_global_ack_at = time.monotonic()
+        self._last_global_ack_at = trio.current_time()
         outcome = Outcome()
-        core._broadcast(outcome, {"type": "global-ack", "timestamp": ack})
+        core.broadcast(outcome, {"type": "global-ack", "timestamp": ack})
         self._deliver(outcome.sends)
 
     async def _rebase(self) -> None:
         core = self.core
         assert core is not None
         self._rebase_due = False
-        self._last_rebase_at = time.monotonic()
+        self._last_rebase_at = trio.current_time()
         online = core.online_replica_ids()
 
         def run() -> RebaseResult:
             with core.shard.transaction():
                 return core.rebase(online)
 
-        started = time.perf_counter()
+        started = time.perf_counter()  # a measurement for the metric, not a timer
         try:
             result = await trio.to_thread.run_sync(run)
         except Exception:

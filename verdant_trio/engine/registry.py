@@ -33,7 +33,8 @@ class Libraries:
         self._starting: dict[str, trio.Event] = {}
         self.on_empty: Callable[[LibraryHost], None] | None = None
 
-    def _forget(self, host: LibraryHost) -> None:
+    def forget(self, host: LibraryHost) -> None:
+        """The host stops taking work (its task is closing): the next `use` starts a new one."""
         if self._hosts.get(host.id) is host:
             del self._hosts[host.id]
             self._closing[host.id] = host

@@ -27,9 +27,9 @@ import httpx
 import orjson
 import trio
 
-from ..service import logs
 from ..sync.protocol import ReplicaType
 from ..sync.tokens import TokenProvider, parse_duration_s
+from . import logs
 from .backup import ProgressBar, backup_all, list_shards
 from .config import (
     EXIT_CONFIG,
@@ -39,8 +39,7 @@ from .config import (
     quickstart_settings,
     render_example,
 )
-from .daemon import run_daemon, run_until_signalled
-from .metrics import package_version
+from .version import package_version
 
 log = logging.getLogger("verdant_trio.cli")
 
@@ -107,6 +106,10 @@ def run_quickstart(args: argparse.Namespace) -> int:
             "\n  The token secret is the public default: anyone can forge tokens. "
             "Pass --secret for anything shared."
         )
+
+    from .daemon import (
+        run_until_signalled,  # the server itself: only where it is served
+    )
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -232,6 +235,10 @@ def run_serve(args: argparse.Namespace) -> int:
         package_version(), settings.config_path, settings.core.libraries.databases_dir,
         os.getpid(),
     )
+    from .daemon import (
+        run_daemon,  # the server itself: `check-config` and the tools never load it
+    )
+
     failed = False
     try:
         trio.run(partial(run_daemon, settings, reload=reload, loaded=loaded))

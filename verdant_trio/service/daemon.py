@@ -30,10 +30,10 @@ from hypercorn.config import Config as HypercornConfig
 from ..engine.core import VerdantCore, open_core
 from ..engine.observe import NULL_OBSERVER
 from ..engine.profiles import CachedProfiles, DefaultProfiles, ProfileSource
-from ..service import logs
 from ..storage.files import LocalFileStorage
 from ..transport.app import create_asgi_app
 from ..transport.listeners import Listeners
+from . import logs
 from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerSettings
 from .health import Health, register_health
 from .metrics import PrometheusObserver, RequestHooks

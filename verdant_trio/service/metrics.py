@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from importlib import metadata
 from typing import Final
 
 from prometheus_client import (
@@ -28,6 +27,7 @@ from quart import Quart, Response, g, request
 from ..engine.budget import MemoryBudget
 from ..storage.shard import sqlite_memory_bytes
 from ..sync.protocol import ReplicaType
+from .version import package_version
 
 access_log = logging.getLogger("verdant_trio.access")
 
@@ -42,13 +42,6 @@ def replica_type_name(value: int) -> str:
         return ReplicaType(value).name.lower()
     except ValueError:
         return str(value)
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("verdant-trio")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class TypeCounts:

@@ -37,6 +37,16 @@ class StoredFile:
     size: int
 
 
+class IncomingFile(Protocol):
+    """A file on its way in (an upload's file part): its name and type are known before its bytes
+    are read, and `chunks()` yields them as they arrive."""
+
+    name: str
+    type: str
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
 class FileStorage(Protocol):
     """Where file bytes live. Names passed in are already safe (`safe_file_name`)."""
 

@@ -1,9 +1,12 @@
 """One library's decisions: what each client message means for storage and who hears about it.
 
-Sans-IO: `LibraryCore` works on parsed messages, a `Shard` and the set of attached peers, and
-appends `Send` effects to a list; it never touches a socket. The library task (`hub`) calls it
-inside a transaction and delivers the effects only after the commit, so nobody, sender or peer,
-ever hears of an operation the server has not stored.
+Decisions, run in a worker thread against the library's shard: `LibraryCore` works on parsed
+messages, a `Store` (the shard, in `storage`; plain synchronous calls, SQLite underneath) and the
+set of attached peers, and appends `Send` effects to a list; it never touches a socket. The
+library's task (`engine.library.LibraryHost`) runs it inside a transaction and delivers the
+effects only after the commit, so nobody, sender or peer, ever hears of an operation the server
+has not stored. What a sync means is decided first as plain data (`plan_sync`), without the
+store, so those decisions are tested on their own.
 
 The decisions follow the reference `Library.ts`. Where the reference loses or corrupts data
 this module deliberately differs; each place says so ("Differs from the reference").
@@ -21,8 +24,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from ..storage.shard import Shard
-from ..sync import authz, patches
+from . import authz, patches
 from .errors import ErrorCode
 from .presence import PresenceState
 from .protocol import (
@@ -36,7 +38,7 @@ from .protocol import (
     Sync,
     SyncAck,
 )
-from .store import HistorySlice, ReplicaRow, StoredOperation
+from .store import HistorySlice, ReplicaRow, Store, StoredOperation
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ class Peer(Protocol):
     def deliver(self, payload: bytes) -> None:
         """Hand over an encoded message (UTF-8 JSON) without waiting; a full queue is the
         peer's problem."""
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """End the peer's connection (it reconnects and resyncs); never waits. A request-bound
+        peer (HTTP) has nothing to close and ignores it."""
 
 
 @dataclass(slots=True)
@@ -142,7 +148,7 @@ class LibraryCore:
     def __init__(
         self,
         library_id: str,
-        shard: Shard,
+        shard: Store,
         *,
         rebase: bool = True,
     ) -> None:
@@ -184,14 +190,14 @@ class LibraryCore:
         message: dict[str, Any] = {"type": "presence-offline", "userId": user_id}
         if replica_id is not None:
             message["replicaId"] = replica_id
-        self._broadcast(out, message)
+        self.broadcast(out, message)
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _reply(self, out: Outcome, peer: Peer, message: dict[str, Any], restricted: bool = False) -> None:
         out.sends.append(Send(message, [peer], restricted))
 
-    def _broadcast(
+    def broadcast(
         self,
         out: Outcome,
         message: dict[str, Any],
@@ -432,7 +438,7 @@ class LibraryCore:
         else:
             self._passive_presence[peer.user_id] = message.replica_id
         # Everyone hears it, the sender too: that is how a client learns its own profile.
-        self._broadcast(
+        self.broadcast(
             out, {"type": "presence-changed", "replicaId": message.replica_id, "userInfo": info}
         )
 
@@ -526,7 +532,7 @@ class LibraryCore:
                 ack = self.global_ack()
                 if ack is not None:
                     rebroadcast["globalAckTimestamp"] = ack
-                self._broadcast(
+                self.broadcast(
                     out,
                     rebroadcast,
                     exclude=peer,

@@ -19,7 +19,7 @@ from typing import Any, Final, TypeAlias, Union
 
 import orjson
 
-from ..sync import authz
+from . import authz
 
 MAX_ID_CHARS: Final = 512
 """Replica ids, oids and timestamps are short strings in practice; this bounds hostile ones."""

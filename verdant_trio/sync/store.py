@@ -1,16 +1,19 @@
 """What one library's decisions read and write, as plain data: the rows of a shard.
 
-The decisions (`decisions`) work on these and on a `Store` (the library's shard, in
-`storage`), so they can be tested without a database and the storage layer depends on them,
-not they on it.
+The decisions (`decisions`) work on these and on a `Store` (the library's shard, in `storage`),
+so the storage layer depends on them, not they on it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
+
+from .protocol import ReplicaType
 
 
 @dataclass(slots=True)
@@ -97,3 +100,128 @@ class FileRow:
     name: str
     type: str
     pending_delete_at_ms: int | None
+
+
+class Store(Protocol):
+    """What one library's decisions need of its storage: the library's shard (`storage.shard`).
+
+    Synchronous on purpose: the library's task runs a whole batch of decisions against it in one
+    transaction, in a worker thread (or on the event loop when the batch is small).
+    """
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Everything inside commits together or not at all; nested, a savepoint."""
+
+    def forget_replica(self, replica_id: str) -> None:
+        """The replica went away: what is cached about it goes too (it is read again, once, if
+        the replica comes back). Without this, every replica id a library ever saw (each tab,
+        each device) stayed cached for as long as the shard was open."""
+
+    def latest_server_order(self) -> int:
+        ...
+
+    def operation_count(self) -> int:
+        ...
+
+    def insert_operations(
+        self, replica_id: str, operations: Iterable[dict[str, Any]]
+    ) -> tuple[int, int]:
+        """Store operations in the order given; returns (latest server order, inserted count)."""
+
+    def operations_slice(self, after_server_order: int) -> HistorySlice:
+        """`operations_after` for a sync response (see `HistorySlice`)."""
+
+    def baselines_slice(self) -> HistorySlice:
+        """`baselines` for a sync response (see `HistorySlice`)."""
+
+    def operations_for(self, oid: str) -> list[StoredOperation]:
+        ...
+
+    def oids_with_operations_before(self, server_order: int, timestamp: str) -> list[str]:
+        """Objects that have at least one operation compaction may fold."""
+
+    def delete_operations(self, operations: Iterable[StoredOperation]) -> None:
+        ...
+
+    def baseline(self, oid: str) -> StoredBaseline | None:
+        ...
+
+    def baseline_count(self) -> int:
+        ...
+
+    def history_at_most(self, rows: int) -> bool:
+        """Whether operations and baselines together are at most `rows`; costs O(rows) whatever
+        the size of the library (neither table is counted past the limit)."""
+
+    def put_baseline(self, oid: str, snapshot: Any, timestamp: str, authz: str | None) -> None:
+        """Upsert; a deleted object (snapshot None) has no baseline row, as in the reference."""
+
+    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> None:
+        """Store baselines a replica sent with its full history."""
+
+    def replica(self, replica_id: str) -> ReplicaRow | None:
+        ...
+
+    def replicas(self) -> list[ReplicaRow]:
+        ...
+
+    def replica_owner(self, replica_id: str) -> str | None:
+        """The user a replica id belongs to (None: unknown replica)."""
+
+    def create_replica(self, replica_id: str, user_id: str, type: ReplicaType) -> ReplicaRow:
+        ...
+
+    def set_replica_type(self, replica_id: str, type: ReplicaType) -> None:
+        ...
+
+    def is_truant(self, replica: ReplicaRow) -> bool:
+        ...
+
+    def touch_replica(self, replica_id: str) -> None:
+        ...
+
+    def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
+        ...
+
+    def update_acked_logical_time(self, replica_id: str, timestamp: str) -> None:
+        """Monotonic: an older timestamp never pulls a replica's acknowledged time back."""
+
+    def acknowledge_operation(self, replica_id: str, timestamp: str) -> None:
+        """A timestamp ack: the replica has seen everything up to `timestamp`."""
+
+    def global_ack(self, online_replica_ids: Iterable[str] = ()) -> str | None:
+        """The oldest acknowledged time among replicas that hold history back."""
+
+    def earliest_acked_server_order(self) -> int:
+        ...
+
+    def delete_replica(self, replica_id: str) -> None:
+        ...
+
+    def delete_replicas_of_user(self, user_id: str) -> int:
+        ...
+
+    def force_truant(self, replica_id: str) -> bool:
+        ...
+
+    def file(self, file_id: str) -> FileRow | None:
+        ...
+
+    def files(self) -> list[FileRow]:
+        ...
+
+    def put_file(self, file_id: str, name: str, type: str) -> None:
+        ...
+
+    def mark_file_pending_delete(self, file_id: str) -> None:
+        ...
+
+    def files_pending_delete(self) -> list[FileRow]:
+        """Files whose refs disappeared longer ago than the expiration."""
+
+    def delete_file(self, file_id: str) -> None:
+        ...
+
+    def delete_everything(self) -> None:
+        """Eviction: replicas, history and baselines go; file metadata is removed by the caller
+        once the files themselves are deleted."""

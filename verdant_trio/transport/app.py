@@ -27,6 +27,7 @@ from ..engine.connections import Transport
 from ..engine.core import VerdantCore
 from ..storage.files import LocalFileStorage
 from ..storage.names import decode_name
+from ..sync.codes import CloseCode
 from ..sync.errors import Disconnected, ErrorCode, VerdantError
 from ..sync.protocol import ProtocolError, ReplicaType, decode_json
 from ..sync.tokens import TokenProvider
@@ -462,7 +463,7 @@ async def deny_websocket(scope: Scope, send: Send, error: VerdantError) -> None:
         )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
-        await send({"type": "websocket.close", "code": 1008})
+        await send({"type": "websocket.close", "code": int(CloseCode.POLICY)})
 
 
 class VerdantAsgi:
@@ -607,7 +608,7 @@ async def run_sync_socket(
         if not accepted:
             await deny(error)
         else:
-            await transport.close(1011, error.message[:120])
+            await transport.close(CloseCode.INTERNAL_ERROR, error.message[:120])
     except Disconnected:
         pass
 

@@ -36,10 +36,11 @@ import socket as stdlib_socket
 from typing import Final
 
 import trio
-from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.protocol import Event, Protocol, Side, State
 
 from ..engine.budget import MEMORY_PER_BYTE, MemoryBudget, MessageTooLarge, Reservation
+from ..sync.codes import CloseCode
 from ..sync.errors import Disconnected
 from .upgrade import (
     FrameBoundaries,
@@ -250,7 +251,7 @@ class StreamWebSocket:
             data, start = self._input, self._offset
             scan = self._frames.scan(data, start, MAX_FRAMES_PER_STEP)
             if scan.control_frames and not self._allow_control(scan.control_frames):
-                protocol.fail(CloseCode.POLICY_VIOLATION, "too many control frames")
+                protocol.fail(CloseCode.POLICY, "too many control frames")
             else:
                 whole = start == 0 and scan.end == len(data)
                 protocol.receive_data(data if whole else data[start : scan.end])
@@ -303,7 +304,7 @@ class StreamWebSocket:
                 self._receiving.append(await self._budget.reserve(nbytes))
                 return
         except MessageTooLarge:
-            self._protocol.fail(CloseCode.MESSAGE_TOO_BIG, "message too large for this server")
+            self._protocol.fail(CloseCode.TOO_BIG, "message too large for this server")
             return
         log.warning(
             "closing websocket: no memory for a large message bytes=%d waited_s=%.0f",
@@ -314,7 +315,7 @@ class StreamWebSocket:
     def _log_close(self) -> None:
         close = self._protocol.close_sent
         cause = self._protocol.parser_exc
-        if close is not None and cause is not None and close.code != CloseCode.NORMAL_CLOSURE:
+        if close is not None and cause is not None and close.code != CloseCode.NORMAL:
             log.info("closing websocket: %s (%d)", cause, close.code)
 
     # -- sending ----------------------------------------------------------------------------
