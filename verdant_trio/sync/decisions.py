@@ -20,7 +20,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Literal, Protocol
 
 import orjson
 
@@ -142,6 +142,102 @@ class RebaseResult:
     objects: int = 0
     deleted_file_ids: list[str] = field(default_factory=list)
     global_ack: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncFacts:
+    """What decides a sync, read before anything of it is applied."""
+
+    can_write: bool
+    passive: bool
+    has_operations: bool
+    has_baselines: bool
+    resync_all: bool
+    offers_since: bool
+    """The replica offers only its changes since some time (else its whole history)."""
+    status: Literal["new", "existing", "truant"]
+    up_to_date: bool
+    """The replica has acknowledged every operation the server holds."""
+    passive_edits_stale: bool
+    """A passive replica's offline edits include some older than what the others acknowledged."""
+    library_empty: bool
+    """The library holds no operation and no baseline."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPlan:
+    """What a sync means: what is stored, who hears of it, what the replica is sent."""
+
+    forbidden: bool = False
+    """Tell the replica its edits were refused (it may not write)."""
+    need_since: bool = False
+    """Answer only with `need-since`: the server lost the library, ask for the whole history."""
+    store: bool = False
+    """Store the replica's operations and baselines and move its acknowledged time."""
+    rebroadcast: bool = False
+    rebroadcast_baselines: bool = False
+    overwrite: bool = False
+    """The `sync-resp` tells the replica to replace its local data with what it is sent."""
+    complete: bool = False
+    """Send all baselines and every operation not folded into them (else the operations after
+    the replica's acknowledged server order)."""
+    note: str | None = None
+    """A line for the log when the sync is out of the ordinary."""
+    warn: bool = False
+    """The note is a warning: the client sent something the server throws away."""
+
+
+def plan_sync(facts: SyncFacts) -> SyncPlan:
+    """The decisions of the reference's `Library.ts` sync handling, as plain data; where it loses
+    or corrupts data we differ, each place says so."""
+    if not facts.can_write and (facts.has_operations or facts.has_baselines):
+        # Differs from the reference: it refuses the whole sync, so a read-only client with
+        # local edits never receives anything again. We refuse the edits (never stored, never
+        # broadcast) and reset the client to the server's state instead.
+        return SyncPlan(forbidden=True, overwrite=True, complete=True, warn=True,
+                        note="sync with changes from read-only replica refused; resetting it")
+    if facts.passive and facts.offers_since and facts.has_operations and facts.passive_edits_stale:
+        # A passive replica does not hold history back while offline, so others may have
+        # compacted past its offline edits; clients ignore operations older than their
+        # baselines, so such edits could never be applied the same everywhere. As `ReplicaType`
+        # documents, a passive replica's offline changes are discarded on reconnect: refuse them
+        # and reset it (the reference stored them, and replicas diverged).
+        return SyncPlan(overwrite=True, complete=True,
+                        note="discarding a passive replica's offline changes")
+    truant_up_to_date = facts.status == "truant" and facts.up_to_date
+    complete = facts.resync_all or (not truant_up_to_date and facts.status != "existing")
+    note = None
+    if facts.status == "truant":
+        note = f"truant replica reconnected up_to_date={truant_up_to_date}"
+    # Nothing to send: an empty library for a complete history, else nothing new for the replica.
+    nothing = facts.library_empty if complete else facts.up_to_date
+    if nothing and facts.status == "new" and facts.offers_since:
+        # The server has nothing but the replica only offers changes since some time: the
+        # server lost this library. Ask for the whole history and wait for the next sync.
+        return SyncPlan(need_since=True,
+                        note="library has no data; asking replica for its full history")
+    overwrite = complete and not nothing
+    warn = False
+    if not nothing and not facts.offers_since:
+        if facts.has_operations or facts.has_baselines:
+            note = "replica offers a full history but the library has data; resetting it"
+            warn = True
+        overwrite = True
+    store = not overwrite
+    return SyncPlan(
+        store=store,
+        rebroadcast=store and (facts.has_operations or (nothing and facts.has_baselines)),
+        # baselines only when this sync just initialised the library: other new replicas may
+        # be waiting for the first data
+        rebroadcast_baselines=store and nothing and facts.has_baselines,
+        overwrite=overwrite,
+        # Differs from the reference: a replica told to overwrite its data always gets all it
+        # needs to hold exactly the server's state (the reference could send a reset with only
+        # the operations after the replica's old position and no baselines).
+        complete=complete or overwrite,
+        note=note,
+        warn=warn,
+    )
 
 
 class LibraryCore:
@@ -320,7 +416,9 @@ class LibraryCore:
             return False
         return True
 
-    def _replica_for(self, peer: Peer, replica_id: str) -> tuple[str, ReplicaRow]:
+    def _replica_for(
+        self, peer: Peer, replica_id: str
+    ) -> tuple[Literal["new", "existing", "truant"], ReplicaRow]:
         """Get or create the replica record; returns its status: new, existing or truant."""
         row = self.shard.replica(replica_id)
         if row is None:
@@ -444,127 +542,86 @@ class LibraryCore:
 
     def _handle_sync(self, peer: Peer, message: Sync, out: Outcome) -> None:
         replica_id = message.replica_id
-        if not peer.type.can_write and (message.operations or message.baselines):
-            # Differs from the reference: it refuses the whole sync, so a read-only client with
-            # local edits never receives anything again. We refuse the edits (never stored,
-            # never broadcast) and reset the client to the server's state instead.
-            log.warning(
-                "sync with changes from read-only replica refused; resetting it "
-                "library=%s replica=%s user=%s",
-                self.id, replica_id, peer.user_id,
+        facts, replica = self._sync_facts(peer, message)
+        plan = plan_sync(facts)
+        if plan.note:
+            log.log(
+                logging.WARNING if plan.warn else logging.INFO,
+                "%s library=%s replica=%s user=%s", plan.note, self.id, replica_id, peer.user_id,
             )
+        if plan.forbidden:
             self._reply(out, peer, {"type": "forbidden"})
-            _, replica = self._replica_for(peer, replica_id)
-            self._respond_sync(peer, message, replica, reset=True, out=out)
-            return
-
-        if message.resync_all:
-            self.shard.delete_replica(replica_id)
-        status, replica = self._replica_for(peer, replica_id)
-
-        if peer.type.is_passive and message.since is not None and message.operations:
-            # A passive replica does not hold history back while offline, so others may have
-            # compacted past its offline edits; clients ignore operations older than their
-            # baselines, so such edits could never be applied the same everywhere. As
-            # `ReplicaType` documents, a passive replica's offline changes are discarded on
-            # reconnect: refuse them and reset it (the reference stored them, and replicas
-            # diverged).
-            ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
-            if ack is not None and any(op["timestamp"] <= ack for op in message.operations):
-                log.info(
-                    "discarding a passive replica's offline changes library=%s replica=%s "
-                    "operations=%d",
-                    self.id, replica_id, len(message.operations),
-                )
-                self._respond_sync(peer, message, replica, reset=True, out=out)
-                return
-
-        allow_truant = False
-        if status == "truant":
-            allow_truant = replica.acked_server_order >= self.shard.latest_server_order()
-            log.info(
-                "truant replica reconnected library=%s replica=%s up_to_date=%s",
-                self.id, replica_id, allow_truant,
-            )
-
-        should_reset = message.resync_all or (not allow_truant and status != "existing")
-        operations = self.shard.operations_slice(
-            0 if should_reset else replica.acked_server_order
-        )
-        baselines = self.shard.baselines_slice() if should_reset else EMPTY_SLICE
-        is_empty = not operations.count and not baselines.count
-
-        overwrite = should_reset and not is_empty
-        if is_empty and status == "new" and message.since is not None:
-            # The server has nothing but the replica only offers changes since some time: the
-            # server lost this library. Ask for the whole history and wait for the next sync.
-            log.info(
-                "library has no data; asking replica for its full history library=%s replica=%s",
-                self.id, replica_id,
-            )
+        if plan.need_since:
             self._reply(out, peer, {"type": "need-since", "since": None})
             return
-        if not is_empty and message.since is None:
-            if message.operations or message.baselines:
-                log.warning(
-                    "replica offers a full history but the library has data; resetting it "
-                    "library=%s replica=%s",
-                    self.id, replica_id,
-                )
-            overwrite = True
-
-        if not overwrite:
+        # what the replica is sent is read before its own changes are stored: it has them
+        if plan.complete:
+            operations, baselines = self.shard.operations_slice(0), self.shard.baselines_slice()
+        else:
+            operations, baselines = self.shard.operations_slice(replica.acked_server_order), EMPTY_SLICE
+        if plan.store:
             self.shard.insert_client_baselines(message.baselines)
             if self._store_operations(replica, message.operations, out) or message.baselines:
                 out.changed_history = True
             self.shard.update_acked_logical_time(replica_id, message.timestamp)
             out.acks_moved = True
-            if message.operations or (is_empty and message.baselines):
-                rebroadcast: dict[str, Any] = {
-                    "type": "op-re",
-                    "operations": message.operations,
-                    "replicaId": replica_id,
-                }
-                # Baselines only when this sync just initialised the library: other new
-                # replicas may be waiting for the first data.
-                if is_empty and message.baselines:
-                    rebroadcast["baselines"] = message.baselines
-                ack = self.global_ack()
-                if ack is not None:
-                    rebroadcast["globalAckTimestamp"] = ack
-                self.broadcast(
-                    out,
-                    rebroadcast,
-                    exclude=peer,
-                    restricted=authz.any_restricted(message.operations)
-                    or authz.any_restricted(message.baselines),
-                )
-        self._respond_sync(
-            peer, message, replica, reset=overwrite, out=out,
-            operations=operations, baselines=baselines, complete=should_reset,
+        if plan.rebroadcast:
+            rebroadcast: dict[str, Any] = {
+                "type": "op-re",
+                "operations": message.operations,
+                "replicaId": replica_id,
+            }
+            if plan.rebroadcast_baselines:
+                rebroadcast["baselines"] = message.baselines
+            ack = self.global_ack()
+            if ack is not None:
+                rebroadcast["globalAckTimestamp"] = ack
+            self.broadcast(
+                out,
+                rebroadcast,
+                exclude=peer,
+                restricted=authz.any_restricted(message.operations)
+                or authz.any_restricted(message.baselines),
+            )
+        self._respond_sync(peer, message, operations, baselines, reset=plan.overwrite, out=out)
+
+    def _sync_facts(self, peer: Peer, message: Sync) -> tuple[SyncFacts, ReplicaRow]:
+        """What `plan_sync` needs to know, read from the store (the replica's record is created
+        or, for `resyncAll`, re-created on the way)."""
+        replica_id = message.replica_id
+        refused = not peer.type.can_write and bool(message.operations or message.baselines)
+        if message.resync_all and not refused:
+            self.shard.delete_replica(replica_id)
+        status, replica = self._replica_for(peer, replica_id)
+        stale = False
+        if peer.type.is_passive and message.since is not None and message.operations and not refused:
+            ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
+            stale = ack is not None and any(op["timestamp"] <= ack for op in message.operations)
+        latest = self.shard.latest_server_order()
+        facts = SyncFacts(
+            can_write=peer.type.can_write,
+            passive=peer.type.is_passive,
+            has_operations=bool(message.operations),
+            has_baselines=bool(message.baselines),
+            resync_all=message.resync_all,
+            offers_since=message.since is not None,
+            status=status,
+            up_to_date=replica.acked_server_order >= latest,
+            passive_edits_stale=stale,
+            library_empty=self.shard.history_at_most(0),
         )
+        return facts, replica
 
     def _respond_sync(
         self,
         peer: Peer,
         message: Sync,
-        replica: ReplicaRow,
+        operations: HistorySlice,
+        baselines: HistorySlice,
         *,
         reset: bool,
         out: Outcome,
-        operations: HistorySlice | None = None,
-        baselines: HistorySlice | None = None,
-        complete: bool = False,
     ) -> None:
-        if reset and not complete:
-            # Differs from the reference: whenever a replica is told to overwrite its local
-            # data it gets everything needed to hold exactly the server's state, all baselines
-            # and every operation not folded into them (the reference can send a reset with
-            # only the operations after the replica's old position and no baselines).
-            operations = self.shard.operations_slice(0)
-            baselines = self.shard.baselines_slice()
-        operations = operations or EMPTY_SLICE
-        baselines = baselines or EMPTY_SLICE
         restricted = operations.restricted or baselines.restricted
         response: dict[str, Any] = {
             "type": "sync-resp",
