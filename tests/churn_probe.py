@@ -89,11 +89,11 @@ def _census(objects: list[Any]) -> dict[str, Any]:
             out["presence"] += len(obj.core.presence)
             out["detached"] += len(obj._detached)
             out["attach_queued"] += len(getattr(obj, "_attach_queued", ()))
-            out["http_leases"] += len(obj._http_leases)
+            out["http_leases"] += len(obj._upkeep.http_leases)
         elif isinstance(obj, VerdantCore):
             out["connections"] += len(obj.connections)
             out["admitted"] += obj._admitted
-            out["upload_locks"] += len(obj._upload_locks)
+            out["upload_locks"] += len(obj.files._upload_locks)
             out["handshake_borrowers"] += len(obj.handshake_limiter.statistics().borrowers)
             out["sync_borrowers"] += len(obj.sync_limiter.statistics().borrowers)
         elif isinstance(obj, CachedProfiles):

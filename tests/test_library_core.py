@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from verdant_trio.engine.library import encode_sends
+from verdant_trio.engine.envelopes import encode_sends
 from verdant_trio.storage.shard import Shard
 from verdant_trio.sync.decisions import LibraryCore, Outcome, decode_nonce
 from verdant_trio.sync.protocol import ReplicaType, validate_client_message
@@ -551,3 +551,26 @@ def test_a_message_handled_after_its_connection_went_keeps_data_not_presence(h: 
     assert [m["type"] for m in watcher.take()] == ["op-re"]
     assert h.core.presence.get("bob") is None
     assert "rb" not in h.shard._owners and "rb" not in h.shard._touched_ms
+
+
+def test_a_replica_that_wrote_while_behind_is_acknowledged_past_its_own_writes(h: Harness) -> None:
+    """Bob writes before he has acknowledged alice's operation, then acknowledges it (3.6.3
+    clients acknowledge by timestamp): he has seen his own operations too, so compaction can
+    fold alice's. The reference left him acknowledged at her operation, below his own, and the
+    library never compacted past it while nobody else wrote (an interop test flaked on it)."""
+    a, b = h.peer("alice"), h.peer("bob")
+    h.sync(a, "ra", t(1))
+    h.sync(b, "rb", t(2))
+    h.send(a, {"type": "op", "replicaId": "ra", "timestamp": t(3),
+               "operations": [op("items/a", t(3), {"op": "initialize", "value": {"v": 1}})]})
+    h.send(b, {"type": "op", "replicaId": "rb", "timestamp": t(5), "operations": [
+        op("items/b1", t(4), {"op": "initialize", "value": {}}),
+        op("items/b2", t(5), {"op": "initialize", "value": {}}),
+    ]})
+    assert h.shard.replica("rb").acked_server_order == 0  # type: ignore[union-attr]  # behind
+    h.send(b, {"type": "ack", "replicaId": "rb", "timestamp": t(3)})  # he has alice's op now
+    assert h.shard.replica("rb").acked_server_order == 3  # type: ignore[union-attr]
+    h.send(a, {"type": "ack", "replicaId": "ra", "timestamp": t(5)})
+    assert h.shard.replica("ra").acked_server_order == 3  # type: ignore[union-attr]
+    h.rebase()
+    assert [o.oid for o in h.shard.operations_after(0)] == ["items/b2"]  # b2: not before the ack

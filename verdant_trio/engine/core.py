@@ -1,8 +1,8 @@
 """The Verdant core: everything a transport needs, with no HTTP framework in sight.
 
 `open_core` starts the nursery that owns every library task and yields a `VerdantCore`. The
-Quart app (`app`), the embedding blueprint and the CLI all drive the same core: websocket
-connections, HTTP sync batches, and the admin operations (`core.evict` and friends).
+Quart app, the embedding blueprint and the CLI all drive the same core: websocket connections,
+HTTP sync batches, files (`core.files`) and the admin operations (`core.admin`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any
 
 import trio
 
-from ..storage.files import FileStorage, IncomingFile, StoredFile
-from ..storage.names import check_id, safe_file_name
+from ..storage.files import FileStorage
+from ..storage.names import check_id
 from ..sync.codes import CloseCode
-from ..sync.decisions import LibraryCore
 from ..sync.errors import ErrorCode, VerdantError
 from ..sync.protocol import (
     ClientMessage,
@@ -28,8 +27,10 @@ from ..sync.protocol import (
     wire_type,
 )
 from ..sync.tokens import TokenInfo, TokenVerifier
+from .admin import Admin
 from .budget import MemoryBudget
 from .connections import HttpPeer, ReplicaConnection, Transport
+from .files import Files
 from .library import LibraryHost
 from .observe import NULL_OBSERVER, Observer
 from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
@@ -38,15 +39,6 @@ from .settings import CoreSettings
 
 log = logging.getLogger(__name__)
 
-
-
-def sanitize_fragment(value: str) -> str:
-    """As the client builds oids: separators inside a collection or id become placeholders."""
-    return value.replace("/", "&slash;").replace(":", "&colon;").replace(".", "&dot;")
-
-
-def document_oid(collection: str, document_id: str) -> str:
-    return f"{sanitize_fragment(collection)}/{sanitize_fragment(document_id)}"
 
 
 class VerdantCore:
@@ -61,7 +53,6 @@ class VerdantCore:
     ) -> None:
         self.settings = settings
         self.file_storage = file_storage
-        self._upload_locks: dict[tuple[str, str], trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self.verifier = TokenVerifier(token_secret)
         self._libraries: Libraries | None = None
@@ -78,6 +69,10 @@ class VerdantCore:
         self._admitted = 0
         """Websockets admitted and not yet finished (handshaking or connected)."""
         self.shutting_down = False
+        self.files = Files(self)
+        """Uploads, serving and clean-up of files attached to documents."""
+        self.admin = Admin(self)
+        """What the admin API and `verdant-trio admin` do to a library."""
 
     @property
     def libraries(self) -> Libraries:
@@ -92,7 +87,11 @@ class VerdantCore:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._libraries = Libraries(self.settings.libraries, nursery, self.observer)
-                self._libraries.on_empty = self._library_empty
+                # The last user leaving a library queues its file clean-up for the one task
+                # below that does them in turn (a bounded queue: a full one drops the request,
+                # and the next departure asks again).
+                self._libraries.on_empty = lambda host: self.files.request_clean_up(host.id)
+                nursery.start_soon(self.files.clean_up_emptied_libraries)
                 nursery.start_soon(self._close_idle_connections)
                 self.running.set()
                 task_status.started()
@@ -238,9 +237,10 @@ class VerdantCore:
             self.observer.connection_closed("http", int(info.type))
         return peer.body()
 
-    # -- admin ------------------------------------------------------------------------------
+    # -- libraries ----------------------------------------------------------------------------
 
-    def _exists(self, library_id: str) -> bool:
+    def exists(self, library_id: str) -> bool:
+        """Whether the library is open or has a database: admin operations never create one."""
         check_id(library_id, "library id")
         return (
             library_id in self.libraries.active
@@ -248,167 +248,12 @@ class VerdantCore:
         )
 
     @contextlib.asynccontextmanager
-    async def _existing(self, library_id: str) -> AsyncIterator[LibraryHost]:
-        if not self._exists(library_id):
+    async def existing(self, library_id: str) -> AsyncIterator[LibraryHost]:
+        """`libraries.use` for a library that must already exist (404 otherwise)."""
+        if not self.exists(library_id):
             raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} not found")
         async with self.libraries.use(library_id) as host:
             yield host
-
-    async def info(self, library_id: str) -> dict[str, Any]:
-        async with self._existing(library_id) as host:
-            data = await host.call(lambda core: core.info())
-        if data is None:
-            raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} has no data")
-        return data
-
-    def file_info_row(
-        self, core: LibraryCore, file_id: str, base_url: str | None
-    ) -> dict[str, Any] | None:
-        """The file info clients expect; without file storage the url is null, as in the
-        reference."""
-        row = core.shard.file(file_id)
-        if row is None:
-            return None
-        url = (
-            self.file_storage.url(core.id, row.file_id, row.name, base_url)
-            if self.file_storage is not None
-            else None
-        )
-        return {"id": row.file_id, "name": row.name, "type": row.type, "url": url}
-
-    async def document(
-        self, library_id: str, collection: str, document_id: str, base_url: str | None = None
-    ) -> Any:
-        oid = document_oid(collection, document_id)
-        async with self._existing(library_id) as host:
-            snapshot = await host.call(
-                lambda core: core.hydrate(oid, lambda fid: self.file_info_row(core, fid, base_url))
-            )
-        if snapshot is None:
-            raise VerdantError(ErrorCode.NOT_FOUND, f"document {collection}/{document_id} not found")
-        return snapshot
-
-    async def file_info(
-        self, library_id: str, file_id: str, base_url: str | None = None
-    ) -> dict[str, Any]:
-        check_id(file_id, "file id")
-        async with self._existing(library_id) as host:
-            info = await host.call(lambda core: self.file_info_row(core, file_id, base_url))
-        if info is None:
-            raise VerdantError(ErrorCode.NOT_FOUND, f"file {file_id!r} not found")
-        info["libraryId"] = library_id
-        return info
-
-    async def force_truant(self, library_id: str, replica_id: str) -> None:
-        async with self._existing(library_id) as host:
-            found = await host.call(lambda core: core.shard.force_truant(replica_id))
-        if not found:
-            raise VerdantError(ErrorCode.NOT_FOUND, f"replica {replica_id!r} not found")
-        log.info("replica forced truant library=%s replica=%s", library_id, replica_id)
-
-    async def evict_user(self, library_id: str, user_id: str) -> int:
-        async with self._existing(library_id) as host:
-            count = await host.call(lambda core: core.shard.delete_replicas_of_user(user_id))
-        log.info("user evicted library=%s user=%s replicas=%d", library_id, user_id, count)
-        return count
-
-    async def evict(self, library_id: str) -> None:
-        """Drop a library's data; connected clients are disconnected, reconnect and re-upload."""
-        async with self._existing(library_id) as host:
-
-            def wipe(core: LibraryCore) -> list[tuple[str, str]]:
-                core.clear_presence()
-                core.shard.delete_everything()
-                return [(f.file_id, f.name) for f in core.shard.files()]
-
-            files = await host.call(wipe)
-            deleted = await self.delete_files(host, files)
-            if self.file_storage is not None and deleted == len(files):
-                await self.file_storage.delete_library(library_id)
-            closed = host.disconnect_all(CloseCode.EVICTED, "library evicted; resync")
-        log.warning(
-            "library evicted library=%s clients_closed=%d files_deleted=%d",
-            library_id, closed, deleted,
-        )
-
-    async def delete_files(self, host: LibraryHost, files: list[tuple[str, str]]) -> int:
-        """Remove stored files, then the metadata of those that are gone.
-
-        A file that fails to delete keeps its metadata (still pending), so it is retried later;
-        a failure is logged and never takes the library down.
-        """
-        gone: list[str] = []
-        for file_id, name in files:
-            if self.file_storage is not None:
-                try:
-                    await self.file_storage.delete(host.id, file_id, name)
-                except Exception as exc:
-                    log.error(
-                        "failed to delete file; will retry library=%s file=%s error=%r",
-                        host.id, file_id, exc,
-                    )
-                    continue
-            gone.append(file_id)
-        if gone:
-
-            def forget(core: LibraryCore) -> None:
-                for file_id in gone:
-                    core.shard.delete_file(file_id)
-
-            await host.call(forget)
-            log.info("files deleted library=%s count=%d", host.id, len(gone))
-        return len(gone)
-
-    def _library_empty(self, host: LibraryHost) -> None:
-        """The last user left: delete files whose refs disappeared long enough ago."""
-        if self._nursery is not None and self.file_storage is not None:
-            self._nursery.start_soon(self._collect_files, host.id)
-
-    async def _collect_files(self, library_id: str) -> None:
-        try:
-            async with self.libraries.use(library_id) as host:
-                expired = await host.call(
-                    lambda core: [(f.file_id, f.name) for f in core.shard.files_pending_delete()]
-                )
-                if expired:
-                    await self.delete_files(host, expired)
-        except Exception:
-            log.exception("file clean-up failed; will retry library=%s", library_id)
-
-    # -- file uploads -----------------------------------------------------------------------
-
-    async def upload(self, info: TokenInfo, file_id: str, upload: IncomingFile) -> StoredFile:
-        """Store an uploaded file, then its metadata; only then may the client be answered."""
-        if self.file_storage is None:
-            raise VerdantError(ErrorCode.NO_FILE_STORAGE, "file storage is not configured")
-        if not info.type.can_write:
-            raise VerdantError(ErrorCode.FORBIDDEN, "a read-only token may not upload files")
-        check_id(file_id, "file id")
-        name = safe_file_name(upload.name)
-        key = (info.library_id, file_id)
-        lock = self._upload_locks.setdefault(key, trio.Lock())
-        try:
-            async with lock:
-                size = await self.file_storage.put(info.library_id, file_id, name, upload.chunks())
-                async with self.libraries.use(info.library_id) as host:
-                    await host.call(lambda core: core.shard.put_file(file_id, name, upload.type))
-        finally:
-            if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._upload_locks.pop(key, None)
-        self.observer.upload(size)
-        log.info(
-            "file stored library=%s user=%s file=%s size=%d type=%s",
-            info.library_id, info.user_id, file_id, size, upload.type,
-        )
-        return StoredFile(file_id, name, upload.type, size)
-
-    async def served_file_type(self, library_id: str, file_id: str) -> str | None:
-        """The stored content type of a file that still has metadata (None: not ours)."""
-        if not self._exists(library_id):
-            return None
-        async with self.libraries.use(library_id) as host:
-            row = await host.call(lambda core: core.shard.file(file_id))
-        return None if row is None else row.type
 
     # -- lifecycle --------------------------------------------------------------------------
 

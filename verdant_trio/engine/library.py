@@ -19,78 +19,43 @@ Queue policies (every queue is bounded):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .registry import Libraries
-
 import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
 from ..storage.shard import Shard
-from ..sync import authz
 from ..sync.codes import CloseCode
 from ..sync.decisions import LibraryCore, Outcome, Peer, RebaseResult, Send
 from ..sync.errors import ErrorCode, VerdantError
-from ..sync.protocol import Ack, ClientMessage, Op, Sync, encode
+from ..sync.protocol import ClientMessage, Op, Sync
+from .envelopes import (
+    WAKE,
+    Attach,
+    Call,
+    Encoded,
+    Envelope,
+    Http,
+    Message,
+    Work,
+    can_wait,
+    carries_operations,
+    encode_sends,
+)
 from .observe import NULL_OBSERVER, Observer
 from .settings import LibrarySettings
+from .upkeep import Upkeep
+
+if TYPE_CHECKING:
+    from .registry import Libraries
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass(slots=True)
-class _Message:
-    """Messages from one realtime peer, in order (a connection forwards all it has at once)."""
-
-    peer: Peer
-    messages: list[ClientMessage]
-    done: trio.Event | None = None
-
-
-@dataclass(slots=True)
-class _Attach:
-    peer: Peer
-
-
-@dataclass(slots=True)
-class _Http:
-    peer: Peer
-    messages: list[ClientMessage]
-    done: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Callable[[LibraryCore], Any]
-    done: trio.Event = field(default_factory=trio.Event)
-    result: Any = None
-    error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class _Wake:
-    pass
-
-
-Envelope = _Message | _Attach | _Http | _Call | _Wake
-
-
-Work = _Message | _Http | _Call
-"""Envelopes handled in a batch transaction."""
-
-
-_WAKE: Final = _Wake()
 
 
 INLINE_HISTORY_ROWS: Final = 512
@@ -101,47 +66,8 @@ a run of acknowledgements); operations stay in the thread, where a commit in pro
 next batch gather (see the module docstring)."""
 
 
-def _carries_operations(envelope: Envelope) -> bool:
-    if isinstance(envelope, (_Message, _Http)):
-        return any(isinstance(m, Op) for m in envelope.messages)
-    return False
-
-
-def _can_wait(envelope: Envelope) -> bool:
-    """Operations and acknowledgements from realtime peers: nobody waits for an answer to an
-    ack, and an operation's answer is worth a few milliseconds of batching under load."""
-    return isinstance(envelope, _Message) and all(
-        isinstance(m, (Op, Ack)) for m in envelope.messages
-    )
-
-
 class LibraryGone(Exception):
     """The library was evicted or its task stopped; the caller's connection should close."""
-
-
-def encode_sends(sends: list[Send]) -> list[tuple[str, bytes, list[Peer]]]:
-    """Encode each message once per distinct view of it.
-
-    Without restricted items one encoding serves every recipient. With them, each user sees
-    only their own private operations and baselines, so recipients are grouped by user.
-    """
-    encoded: list[tuple[str, bytes, list[Peer]]] = []
-    for send in sends:
-        kind = send.message["type"]
-        if not send.restricted:
-            encoded.append((kind, encode(send.message), send.targets))
-            continue
-        by_user: dict[str, list[Peer]] = {}
-        for peer in send.targets:
-            by_user.setdefault(peer.user_id, []).append(peer)
-        for user_id, peers in by_user.items():
-            view = dict(send.message)
-            for key in ("operations", "baselines"):
-                # a pre-encoded array (orjson.Fragment) holds no restricted items
-                if isinstance(view.get(key), list):
-                    view[key] = authz.filter_visible(view[key], user_id)
-            encoded.append((kind, encode(view), peers))
-    return encoded
 
 
 class LibraryHost:
@@ -164,19 +90,14 @@ class LibraryHost:
         """Keys of peers whose attach is in the inbox, not applied yet. A peer that departs
         meanwhile is taken out, and its attach is then dropped: applied after the departure, it
         would stay attached (and its user present) for as long as the library runs."""
-        self._http_leases: dict[str, tuple[float, str | None]] = {}
+        self._upkeep = Upkeep(settings)
         self.refs = 0
         self.accepting = True
         self.closed = trio.Event()
         self.core: LibraryCore | None = None
         self._cancel = trio.CancelScope()
-        self._global_ack_sent: str | None = None
-        self._global_ack_pending = False
-        self._last_global_ack_at = -math.inf
         self._small_history: bool | None = None
         """Whether the history is at most `INLINE_HISTORY_ROWS` (None: not known yet)."""
-        self._rebase_due = False
-        self._last_rebase_at = -math.inf
         self._last_ops_at = -math.inf
         self._last_activity = trio.current_time()
         self.on_empty: Callable[[LibraryHost], None] | None = None
@@ -186,7 +107,7 @@ class LibraryHost:
     async def attach(self, peer: Peer) -> None:
         self._attach_queued.add(peer.key)
         try:
-            await self._put(_Attach(peer))
+            await self._put(Attach(peer))
         except BaseException:
             self._attach_queued.discard(peer.key)
             raise
@@ -196,12 +117,12 @@ class LibraryHost:
         self._attach_queued.discard(peer.key)
         self._detached.append(peer)
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._send.send_nowait(_WAKE)
+            self._send.send_nowait(WAKE)
 
     def submit_nowait(self, peer: Peer, messages: list[ClientMessage]) -> bool:
         """Queue messages if the inbox has room; False when it is full (the caller waits)."""
         try:
-            self._send.send_nowait(_Message(peer, messages))
+            self._send.send_nowait(Message(peer, messages))
         except trio.WouldBlock:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -217,14 +138,14 @@ class LibraryHost:
         then holds a writer's whole window of operations rather than one operation per
         connection in turn, so they are stored, acknowledged and broadcast together.
         """
-        envelope = _Message(peer, messages, trio.Event() if wait else None)
+        envelope = Message(peer, messages, trio.Event() if wait else None)
         await self._put(envelope)
         if envelope.done is not None:
             await envelope.done.wait()
 
     async def request(self, peer: Peer, messages: list[ClientMessage]) -> None:
         """Handle an HTTP batch; returns once its replies are in the peer."""
-        envelope = _Http(peer, messages)
+        envelope = Http(peer, messages)
         await self._put(envelope)
         await envelope.done.wait()
         if envelope.error is not None:
@@ -232,7 +153,7 @@ class LibraryHost:
 
     async def call(self, fn: Callable[[LibraryCore], T]) -> T:
         """Run `fn(core)` in the library task's turn, in a worker thread, in a transaction."""
-        envelope = _Call(fn)
+        envelope = Call(fn)
         await self._put(envelope)
         await envelope.done.wait()
         if envelope.error is not None:
@@ -294,10 +215,10 @@ class LibraryHost:
                 envelope = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            if isinstance(envelope, (_Http, _Call)):
+            if isinstance(envelope, (Http, Call)):
                 envelope.error = LibraryGone(self.id)
                 envelope.done.set()
-            elif isinstance(envelope, _Message) and envelope.done is not None:
+            elif isinstance(envelope, Message) and envelope.done is not None:
                 envelope.done.set()
 
     async def _loop(self) -> None:
@@ -338,7 +259,7 @@ class LibraryHost:
         deadline = self._last_ops_at + self.settings.batch_window_s
         if self.core is not None and len(self.core.peers) < self.settings.batch_min_peers:
             deadline = -math.inf  # few listeners: a broadcast is cheap, waiting is not
-            if batch and _can_wait(batch[0]):
+            if batch and can_wait(batch[0]):
                 # Instead, let every connection task that is already runnable hand over what
                 # it read in the same wake-up (reader -> forwarder -> inbox is two scheduler
                 # ticks): no wall time is added, and the batch carries the tick's operations
@@ -351,28 +272,22 @@ class LibraryHost:
                 continue
             except trio.WouldBlock:
                 pass
-            if trio.current_time() >= deadline or not all(_can_wait(e) for e in batch):
+            if trio.current_time() >= deadline or not all(can_wait(e) for e in batch):
                 break
             with trio.move_on_at(deadline):
                 batch.append(await self._receive.receive())
-        if any(_carries_operations(e) for e in batch):
+        if any(carries_operations(e) for e in batch):
             self._last_ops_at = trio.current_time()
 
     def _next_timer_in(self) -> float:
         now = trio.current_time()
-        deadlines = [now + 5.0]
-        if self._global_ack_pending:
-            deadlines.append(self._last_global_ack_at + self.settings.global_ack_interval_s)
-        if self._rebase_due:
-            deadlines.append(self._last_rebase_at + self.settings.rebase_interval_s)
-        if self._http_leases:
-            deadlines.append(min(expiry for expiry, _ in self._http_leases.values()))
+        deadlines = [now + 5.0, self._upkeep.next_deadline()]
         if self.refs == 0:
             deadlines.append(self._last_activity + self.settings.idle_close_s)
         return max(0.0, min(deadlines) - now)
 
     def _should_close(self) -> bool:
-        if self.refs or self._http_leases or self._detached:
+        if self.refs or self._upkeep.http_leases or self._detached:
             return False
         if trio.current_time() - self._last_activity < self.settings.idle_close_s:
             return False
@@ -390,27 +305,24 @@ class LibraryHost:
         core = self.core
         assert core is not None
         for envelope in batch:
-            if isinstance(envelope, _Attach) and envelope.peer.key in self._attach_queued:
+            if isinstance(envelope, Attach) and envelope.peer.key in self._attach_queued:
                 self._attach_queued.discard(envelope.peer.key)
                 core.attach(envelope.peer)
-        work: list[Work] = [e for e in batch if isinstance(e, (_Message, _Http, _Call))]
+        work: list[Work] = [e for e in batch if isinstance(e, (Message, Http, Call))]
         if not work:
             return
         for envelope in work:
-            if isinstance(envelope, _Http):
+            if isinstance(envelope, Http):
                 core.attach(envelope.peer)
-                self._http_leases[envelope.peer.user_id] = (
-                    trio.current_time() + self.settings.http_presence_ttl_s,
-                    None,
-                )
+                self._upkeep.lease(envelope.peer.user_id, None)
         try:
             if self._inline(work):
                 result = self._run_batch(core, work)
             else:
                 result = await trio.to_thread.run_sync(self._run_batch, core, work)
         except BaseException as exc:
-            # Nothing of this batch was committed: tell waiting callers, drop realtime peers so
-            # they resync, and keep serving the library.
+            # The batch failed (rolled back, or committed but not encoded): tell waiting
+            # callers, drop realtime peers so they resync, and keep serving the library.
             log.exception("library batch failed; rolled back library=%s", self.id)
             self._abort_batch(work, exc)
             if not isinstance(exc, Exception):
@@ -418,12 +330,9 @@ class LibraryHost:
             return
         finally:
             for envelope in work:
-                if isinstance(envelope, _Http):
+                if isinstance(envelope, Http):
                     core.detach(envelope.peer)
-                    self._http_leases[envelope.peer.user_id] = (
-                        trio.current_time() + self.settings.http_presence_ttl_s,
-                        envelope.peer.replica_id,
-                    )
+                    self._upkeep.lease(envelope.peer.user_id, envelope.peer.replica_id)
         outcome, encoded, global_ack = result
         if outcome.stored:
             self._observer.operations_stored(outcome.stored)
@@ -433,17 +342,16 @@ class LibraryHost:
                 envelope.done.set()
         for peer in outcome.detach:
             self.detach(peer)
-        if outcome.acks_moved or outcome.changed_history:
-            self._rebase_due = True
-        if global_ack is not None and global_ack != self._global_ack_sent:
-            self._global_ack_pending = True
+        self._upkeep.after_batch(
+            history_moved=outcome.acks_moved or outcome.changed_history, global_ack=global_ack
+        )
 
     def _inline(self, work: list[Work]) -> bool:
         """Whether a batch is small enough for the event loop (see `INLINE_HISTORY_ROWS`)."""
         if self.settings.synchronous != "NORMAL":
             return False  # every commit waits for an fsync
         for envelope in work:
-            if isinstance(envelope, _Call):
+            if isinstance(envelope, Call):
                 return False
             for message in envelope.messages:
                 if isinstance(message, Op):
@@ -457,16 +365,16 @@ class LibraryHost:
 
     def _run_batch(
         self, core: LibraryCore, work: list[Work]
-    ) -> tuple[Outcome, list[tuple[str, bytes, list[Peer]]], str | None]:
+    ) -> tuple[Outcome, Encoded, str | None]:
         """The whole batch in one transaction, encoded after the commit: in a worker thread, or
         on the event loop when it is small (`_inline`)."""
         outcome = Outcome()
         with core.shard.transaction():
             for envelope in work:
-                if isinstance(envelope, (_Message, _Http)):
+                if isinstance(envelope, (Message, Http)):
                     for message in envelope.messages:
                         self._handle_one(core, envelope.peer, message, outcome)
-                elif isinstance(envelope, _Call):
+                elif isinstance(envelope, Call):
                     try:
                         with core.shard.transaction():
                             envelope.result = envelope.fn(core)
@@ -500,10 +408,10 @@ class LibraryHost:
     def _abort_batch(self, work: list[Work], exc: BaseException) -> None:
         error = VerdantError(ErrorCode.UNEXPECTED, "the server could not store this batch")
         for envelope in work:
-            if isinstance(envelope, (_Http, _Call)):
-                envelope.error = error if isinstance(envelope, _Http) else exc
+            if isinstance(envelope, (Http, Call)):
+                envelope.error = error if isinstance(envelope, Http) else exc
                 envelope.done.set()
-            elif isinstance(envelope, _Message):
+            elif isinstance(envelope, Message):
                 envelope.peer.close_soon(CloseCode.INTERNAL_ERROR, "server error; reconnect to resync")
                 if envelope.done is not None:
                     envelope.done.set()
@@ -516,23 +424,14 @@ class LibraryHost:
         if not self._detached:
             return
         departed, self._detached = self._detached, []
-        outcome = Outcome()
-        for peer in departed:
-            core.detach(peer)
-        for peer in departed:
-            user = peer.user_id
-            if not peer.realtime or core.user_is_connected(user):
-                continue
-            if user in self._http_leases:
-                continue
-            core.user_left(user, peer.replica_id, outcome)
-        self._deliver(outcome.sends)
+        self._deliver(self._upkeep.departures(core, departed))
         self._maybe_empty()
 
     def _deliver(self, sends: list[Send]) -> None:
-        self._hand_over(encode_sends(sends))
+        if sends:
+            self._hand_over(encode_sends(sends))
 
-    def _hand_over(self, encoded: list[tuple[str, bytes, list[Peer]]]) -> None:
+    def _hand_over(self, encoded: Encoded) -> None:
         observer = self._observer
         for kind, payload, peers in encoded:
             observer.message_out(kind, len(peers))
@@ -542,49 +441,25 @@ class LibraryHost:
     def _maybe_empty(self) -> None:
         core = self.core
         assert core is not None
-        if not core.peers and not self._http_leases and self.on_empty is not None:
+        if not core.peers and not self._upkeep.http_leases and self.on_empty is not None:
             self.on_empty(self)
 
     async def _timers(self) -> None:
         core = self.core
         assert core is not None
-        now = trio.current_time()
-        if self._http_leases:
-            outcome = Outcome()
-            for user, (expiry, replica_id) in list(self._http_leases.items()):
-                if expiry <= now:
-                    del self._http_leases[user]
-                    if not core.user_is_connected(user):
-                        core.user_left(user, replica_id, outcome)
-            if outcome.sends:
-                self._deliver(outcome.sends)
+        upkeep = self._upkeep
+        if upkeep.http_leases:
+            left = upkeep.expired_leases(core)
+            if left:
+                self._deliver(left)
                 self._maybe_empty()
-        # Compaction is batched: at most one pass per interval, whatever the traffic.
-        if self._rebase_due and now - self._last_rebase_at >= self.settings.rebase_interval_s:
+        if upkeep.rebase_now():  # compaction is batched: one pass per interval at most
             await self._rebase()
-        if self._global_ack_pending and (
-            now - self._last_global_ack_at >= self.settings.global_ack_interval_s
-        ):
-            self._flush_global_ack()
-
-    def _flush_global_ack(self) -> None:
-        core = self.core
-        assert core is not None
-        self._global_ack_pending = False
-        ack = core.global_ack()
-        if ack is None or ack == self._global_ack_sent:
-            return
-        self._global_ack_sent = ack
-        self._last_global_ack_at = trio.current_time()
-        outcome = Outcome()
-        core.broadcast(outcome, {"type": "global-ack", "timestamp": ack})
-        self._deliver(outcome.sends)
+        self._deliver(upkeep.global_ack_now(core))
 
     async def _rebase(self) -> None:
         core = self.core
         assert core is not None
-        self._rebase_due = False
-        self._last_rebase_at = trio.current_time()
         online = core.online_replica_ids()
 
         def run() -> RebaseResult:
@@ -606,7 +481,4 @@ class LibraryHost:
                 self.id, result.folded_operations, result.objects,
                 len(result.deleted_file_ids), duration_s * 1000,
             )
-        if result.global_ack is not None:
-            # Hint to clients that they can compact too (the reference does this after every
-            # compaction pass).
-            self._global_ack_pending = True
+        self._upkeep.after_rebase(result)

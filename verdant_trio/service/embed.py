@@ -55,19 +55,19 @@ class Verdant:
 
     # the admin operations of the Verdant docs (`core.evict`, ...)
     async def evict(self, library_id: str) -> None:
-        await self.core.evict(library_id)
+        await self.core.admin.evict(library_id)
 
     async def info(self, library_id: str) -> dict[str, Any]:
-        return await self.core.info(library_id)
+        return await self.core.admin.info(library_id)
 
     async def document(self, library_id: str, collection: str, document_id: str) -> Any:
-        return await self.core.document(library_id, collection, document_id)
+        return await self.core.admin.document(library_id, collection, document_id)
 
     async def force_truant(self, library_id: str, replica_id: str) -> None:
-        await self.core.force_truant(library_id, replica_id)
+        await self.core.admin.force_truant(library_id, replica_id)
 
     async def evict_user(self, library_id: str, user_id: str) -> int:
-        return await self.core.evict_user(library_id, user_id)
+        return await self.core.admin.evict_user(library_id, user_id)
 
 
 def create_verdant(

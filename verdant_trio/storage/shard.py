@@ -392,6 +392,26 @@ class Shard:
             (server_order, replica_id),
         )
 
+    def pass_own_operations(self, replica_id: str) -> int | None:
+        """Move a replica's acknowledged server order past the operations right after it that
+        are its own (a replica has seen what it wrote); returns the order now acknowledged.
+
+        Without it, a replica that wrote while behind and then acknowledged what it had missed
+        stayed acknowledged at that point, below its own operations, for as long as nobody else
+        wrote: compaction waited on it (the Node server behaves so).
+        """
+        # The first operation after the acknowledged order that someone else wrote bounds it
+        # (the serverOrder index makes that a short scan); else the latest operation does.
+        row = self.conn.execute(
+            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, COALESCE('
+            '(SELECT MIN(serverOrder) - 1 FROM "OperationHistory" '
+            "WHERE serverOrder > ackedServerOrder AND replicaId != ?), "
+            '(SELECT MAX(serverOrder) FROM "OperationHistory"), 0)) '
+            "WHERE id = ? RETURNING ackedServerOrder",
+            (replica_id, replica_id),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
     def update_acked_logical_time(self, replica_id: str, timestamp: str) -> None:
         """Monotonic: an older timestamp never pulls a replica's acknowledged time back."""
         self.conn.execute(

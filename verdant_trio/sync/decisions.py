@@ -433,13 +433,15 @@ class LibraryCore:
     def _store_operations(
         self, replica: ReplicaRow, operations: list[dict[str, Any]], out: Outcome
     ) -> int:
-        latest, inserted = self.shard.insert_operations(replica.id, operations)
+        _, inserted = self.shard.insert_operations(replica.id, operations)
         out.stored += inserted
-        # A replica that was up to date and added the only new operations is still up to date:
-        # advance its server order now and save the round trip of an ack.
-        if inserted and latest - replica.acked_server_order == len(operations):
-            self.shard.update_acked_server_order(replica.id, latest)
-            replica.acked_server_order = latest
+        # A replica has seen what it wrote: one that was up to date is still up to date (no
+        # round trip of an ack needed), one that was behind is acknowledged up to where others'
+        # operations begin. (The reference advanced only a replica that was up to date.)
+        if inserted:
+            moved = self.shard.pass_own_operations(replica.id)
+            if moved is not None:
+                replica.acked_server_order = moved
         return inserted
 
     def _handle_op(self, peer: Peer, message: Op, out: Outcome) -> None:
@@ -522,10 +524,13 @@ class LibraryCore:
                 )
                 return
             self.shard.update_acked_server_order(message.replica_id, order)
-            out.acks_moved = True
         elif message.timestamp:
             self.shard.acknowledge_operation(message.replica_id, message.timestamp)
-            out.acks_moved = True
+        else:
+            return
+        # what it wrote after what it just acknowledged, it has seen
+        self.shard.pass_own_operations(message.replica_id)
+        out.acks_moved = True
 
     def _handle_presence(self, peer: Peer, message: PresenceUpdate, out: Outcome) -> None:
         info = self.presence.set(

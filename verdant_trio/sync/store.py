@@ -183,6 +183,10 @@ class Store(Protocol):
     def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
         ...
 
+    def pass_own_operations(self, replica_id: str) -> int | None:
+        """Move a replica's acknowledged server order past its own operations right after it;
+        the order now acknowledged (None: no such replica)."""
+
     def update_acked_logical_time(self, replica_id: str, timestamp: str) -> None:
         """Monotonic: an older timestamp never pulls a replica's acknowledged time back."""
 

@@ -194,7 +194,7 @@ def sync_blueprint(
     @bp.get("/files/<file_id>")
     async def file_info(file_id: str) -> Response:
         info = core.verify(bearer_token(request.headers.get("Authorization")))
-        return json_response(await core.file_info(info.library_id, file_id, request_origin()))
+        return json_response(await core.admin.file_info(info.library_id, file_id, request_origin()))
 
     @bp.post("/files/<file_id>")
     async def upload_file(file_id: str) -> Response:
@@ -205,7 +205,7 @@ def sync_blueprint(
             aiter(request.body), request.headers.get("Content-Type"),
             max_bytes=core.settings.max_upload_bytes,
         )
-        await core.upload(info, file_id, upload)
+        await core.files.upload(info, file_id, upload)
         return json_response({"success": True})
 
     @bp.websocket("")
@@ -299,7 +299,7 @@ def file_serving_blueprint(
             library_id, file_id = decode_name(library_name), decode_name(file_name)
         except ValueError:
             raise VerdantError(ErrorCode.NOT_FOUND, "file not found") from None
-        content_type = await core.served_file_type(library_id, file_id)
+        content_type = await core.files.served_type(library_id, file_id)
         if content_type is None:
             raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
         plan = await trio.to_thread.run_sync(
@@ -339,38 +339,38 @@ def register_admin(app: Quart, core: VerdantCore, settings: AppSettings) -> None
     async def admin_document(library_id: str, collection: str, document_id: str) -> Response:
         authorize()
         return json_response(
-            await core.document(library_id, collection, document_id, request_origin())
+            await core.admin.document(library_id, collection, document_id, request_origin())
         )
 
     @app.get(f"{prefix}/libraries/<path:library_id>/files/<file_id>")
     async def admin_file(library_id: str, file_id: str) -> Response:
         authorize()
-        info = await core.file_info(library_id, file_id, request_origin())
+        info = await core.admin.file_info(library_id, file_id, request_origin())
         # `fileName` too: Verdant's own integration suite reads that name.
         return json_response({**info, "fileName": info["name"]})
 
     @app.post(f"{prefix}/libraries/<path:library_id>/evict")
     async def admin_evict(library_id: str) -> Response:
         authorize()
-        await core.evict(library_id)
+        await core.admin.evict(library_id)
         return json_response({"success": True})
 
     @app.post(f"{prefix}/libraries/<path:library_id>/users/<user_id>/evict")
     async def admin_evict_user(library_id: str, user_id: str) -> Response:
         authorize()
-        count = await core.evict_user(library_id, user_id)
+        count = await core.admin.evict_user(library_id, user_id)
         return json_response({"success": True, "replicasRemoved": count})
 
     @app.post(f"{prefix}/libraries/<path:library_id>/replicas/<replica_id>/force-truant")
     async def admin_force_truant(library_id: str, replica_id: str) -> Response:
         authorize()
-        await core.force_truant(library_id, replica_id)
+        await core.admin.force_truant(library_id, replica_id)
         return json_response({"success": True})
 
     @app.get(f"{prefix}/libraries/<path:library_id>")
     async def admin_info(library_id: str) -> Response:
         authorize()
-        return json_response(await core.info(library_id))
+        return json_response(await core.admin.info(library_id))
 
 
 def register_dev_auth(app: Quart, settings: AppSettings) -> None:
@@ -511,7 +511,7 @@ class VerdantAsgi:
             upload = await open_multipart_file(
                 _asgi_body(receive), headers.get("content-type"), max_bytes=limit
             )
-            await self.core.upload(info, file_id, upload)
+            await self.core.files.upload(info, file_id, upload)
         except VerdantError as error:
             if error.http_status >= 500:
                 log.error("upload failed file=%s error=%s", file_id, error)
