@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {args.generator_core})
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     servers = ["url"] if args.url else (args.servers or "ours").split(",")
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
     report = {
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "node": node_version(), "kernel": platform.release(),

@@ -23,8 +23,7 @@ def frame_key(frame: str) -> str:
     if not match:
         return frame.strip()
     path = match.group("file")
-    short = "/".join(path.split("/")[-2:]) if "site-packages" in path or "lib/python" in path \
-        else "/".join(path.split("/")[-2:])
+    short = "/".join(path.split("/")[-2:])
     return f"{match.group('name')} ({short})"
 
 

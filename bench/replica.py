@@ -214,9 +214,8 @@ class Replica:
                             b'{"type":"ack","replicaId":"' + self.id.encode()
                             + b'","timestamp":"' + operations[-1]["timestamp"].encode() + b'"}'
                         )
-                elif kind == "server-ack":
-                    if self.on_server_ack is not None:
-                        self.on_server_ack(orjson.loads(payload)["timestamp"], now)
+                elif kind == "server-ack" and self.on_server_ack is not None:
+                    self.on_server_ack(orjson.loads(payload)["timestamp"], now)
         except WsClosed as closed:
             self.closed = closed
 

@@ -259,7 +259,7 @@ def initialize_ops(clock: Clock, oids: list[str]) -> list[dict[str, Any]]:
 async def wait_until(predicate: Callable[[], bool], timeout_s: float, step_s: float = 0.05) -> bool:
     """Poll a counter condition (counters are plain ints updated by reader tasks)."""
     with trio.move_on_after(timeout_s):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - counters, not events: polling is the point
             await trio.sleep(step_s)
         return True
     return False
@@ -325,12 +325,12 @@ async def fanout(target: Target, endpoint: Endpoint, opts: Options) -> dict[str,
         closed = sum(1 for r in everyone if r.closed is not None)
         nursery.cancel_scope.cancel()
     await _close_all(everyone)
-    frames = sum(a.frames - b.frames for a, b in zip(after, before))
+    frames = sum(a.frames - b.frames for a, b in zip(after, before, strict=True))
     kinds: dict[str, int] = {}
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         for kind, count in a.by_type.items():
             kinds[kind] = kinds.get(kind, 0) + count - b.by_type.get(kind, 0)
-    ops_delivered = sum(a.ops_received - b.ops_received for a, b in zip(after, before))
+    ops_delivered = sum(a.ops_received - b.ops_received for a, b in zip(after, before, strict=True))
     wall = window.wall_s
     return {
         "scenario": "fanout",

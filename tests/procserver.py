@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,10 @@ class ServerProcess:
         command = self.command()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
         try:
-            self.process = await nursery.start(
-                lambda task_status: trio.run_process(
-                    command, cwd=REPO, stdout=log, stderr=log, check=False, task_status=task_status,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            )
+            self.process = await nursery.start(partial(
+                trio.run_process, command, cwd=REPO, stdout=log, stderr=log, check=False,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            ))
         finally:
             log.close()
         self.starts += 1

@@ -32,23 +32,22 @@ async def test_heartbeat_is_answered_while_the_library_is_busy(
         original(self, peer, message, out)
 
     monkeypatch.setattr(LibraryCore, "handle", slow_handle)
-    async with server_factory() as server:
-        async with connect(server.sync_url, server.token()) as client:
-            try:
-                await client.sync("r1")
-                # an operation: batches with operations always run in a worker thread
-                await client.op("slow", [{
-                    "oid": "items/slow", "timestamp": timestamp(),
-                    "data": {"op": "initialize", "value": {}},
-                }])
-                with trio.fail_after(10):
-                    await inside.wait()
-                await client.send({"type": "heartbeat", "timestamp": timestamp(), "replicaId": "r1"})
-                # answered while the worker thread is still held inside the batch
-                await client.wait_for("heartbeat-response", timeout_s=5)
-            finally:
-                release.set()
-            await client.wait_for("server-ack", timeout_s=10)
+    async with server_factory() as server, connect(server.sync_url, server.token()) as client:
+        try:
+            await client.sync("r1")
+            # an operation: batches with operations always run in a worker thread
+            await client.op("slow", [{
+                "oid": "items/slow", "timestamp": timestamp(),
+                "data": {"op": "initialize", "value": {}},
+            }])
+            with trio.fail_after(10):
+                await inside.wait()
+            await client.send({"type": "heartbeat", "timestamp": timestamp(), "replicaId": "r1"})
+            # answered while the worker thread is still held inside the batch
+            await client.wait_for("heartbeat-response", timeout_s=5)
+        finally:
+            release.set()
+        await client.wait_for("server-ack", timeout_s=10)
 
 
 class GatedProfiles:
@@ -101,11 +100,10 @@ async def test_handshakes_beyond_capacity_are_refused_cleanly(server_factory: An
 
 
 async def test_shutdown_closes_websockets_with_going_away(server_factory: Any) -> None:
-    async with server_factory() as server:
-        async with connect(server.sync_url, server.token()) as client:
-            await client.sync("r1")
-            server.shutdown.set()
-            assert await client.wait_closed() == 1001
+    async with server_factory() as server, connect(server.sync_url, server.token()) as client:
+        await client.sync("r1")
+        server.shutdown.set()
+        assert await client.wait_closed() == 1001
 
 
 async def test_the_idle_sweep_keeps_no_departed_connection_alive(

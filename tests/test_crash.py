@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import HandshakeError
 
 from verdant_trio.client import Closed, connect
@@ -82,7 +83,7 @@ class Writer:
                             await self.replica.changed.wait()
                             continue
                         await client.send(self.replica.op_message(self.next_operations()))
-                        await trio.sleep(0)
+                        await trio.lowlevel.checkpoint()
                     # not flooding: keep pumping until the server closes or we are cancelled
         except* (Closed, HandshakeError, OSError, trio.BrokenResourceError):
             if not started:

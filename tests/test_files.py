@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 
 from verdant_trio.client import connect, timestamp
 from verdant_trio.engine.library import LibraryHost
@@ -104,7 +105,7 @@ async def _stream(parts: int, size: int, seed: bytes = b"x") -> AsyncIterator[by
     block = hashlib.sha256(seed).digest() * (size // 32)
     for _ in range(parts):
         yield block
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
     yield FORM_TAIL
 
 

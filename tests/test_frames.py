@@ -139,7 +139,7 @@ def test_frame_boundaries_agree_with_the_library_however_the_bytes_are_cut(
     large_bytes = 1000
     expected_large = 0
     message = 0
-    for (kind, size, fin), _ in zip(kinds, frames):
+    for (kind, size, fin), _ in zip(kinds, frames, strict=True):
         if kind in ("ping", "pong"):
             continue
         if message + size > large_bytes:

@@ -321,8 +321,9 @@ def test_odd_but_valid_messages_never_break_the_library(server: ServerProcess, d
                     ops = [{"oid": oid, "timestamp": timestamp(), "data": patch} for oid, patch in batch]
                     stamp = await client.op("odd-r", ops)
                     reply = await client.wait_for(
-                        lambda m: (m.get("type") == "server-ack" and m.get("timestamp") == stamp)
-                        or m.get("type") == "error"
+                        lambda m, stamp=stamp: (
+                            m.get("type") == "server-ack" and m.get("timestamp") == stamp
+                        ) or m.get("type") == "error"
                     )
                     assert_no_leak(orjson.dumps(reply))
                     assert reply["type"] == "server-ack", reply

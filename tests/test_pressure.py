@@ -106,7 +106,7 @@ async def flood(
     for i in range(count):
         while len(writer.pending) >= window:
             await writer.changed.wait()
-        while any(l.ops_seen - s < i - window for l, s in zip(healthy, start, strict=True)):
+        while any(h.ops_seen - s < i - window for h, s in zip(healthy, start, strict=True)):
             await trio.sleep(0.002)
         op = set_property(writer, oids[i % len(oids)], f"n{i}-{writer.id}", value + str(i))
         sent_at[op["timestamp"]] = time.perf_counter()

@@ -229,7 +229,7 @@ async def test_originator_placeholder_is_rewritten_for_the_initializing_user(ser
     only_me = base64.b64encode(b"u:$$_originator_$$:*").decode()
     async with connect(server.sync_url, server.token(user="carol")) as c:
         await c.sync("rc", operations=[initialize("notes/1", {"t": "mine"}, authz=only_me)])
-    status, body = await server.http_sync(server.token(user="carol"), [
+    _status, body = await server.http_sync(server.token(user="carol"), [
         {"type": "sync", "replicaId": "rc2", "timestamp": timestamp(), "operations": [], "baselines": [], "schemaVersion": 1, "since": None, "resyncAll": True}
     ])
     ops = body["messages"][0]["operations"]

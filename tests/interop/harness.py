@@ -827,7 +827,7 @@ async def converged(
         found = await wait_until(same, timeout, message=f"clients converge on {collection!r}")
     except AssertionError as e:
         # what each client had at the end says which change did not get through
-        views = "\n".join(f"[{c.name}] {_short(lst, 3000)}" for c, lst in zip(clients, last))
+        views = "\n".join(f"[{c.name}] {_short(lst, 3000)}" for c, lst in zip(clients, last, strict=True))
         raise AssertionError(f"{e}\n{views}") from None
     return found[0]
 

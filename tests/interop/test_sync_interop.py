@@ -122,7 +122,7 @@ async def test_three_clients_with_random_concurrent_edits_converge(
         await _random_edits(client, local, 8, prefix + "-late")
 
     async with trio.open_nursery() as nursery:
-        for client, prefix in zip(clients, ("ann", "ben", "cat")):
+        for client, prefix in zip(clients, ("ann", "ben", "cat"), strict=True):
             nursery.start_soon(run, client, prefix, rng.randrange(1 << 30))
     docs = await converged(clients, "items", timeout=40)
     assert docs, "the edits produced documents"

@@ -164,7 +164,7 @@ def test_the_encoders_real_clients_use_make_keys_we_accept() -> None:
     )
     made = json.loads(out.stdout)
     assert made[2][1] is None  # btoa cannot encode "日本": no browser client sends it
-    for user, (buffer_key, btoa_key) in zip(ids, made):
+    for user, (buffer_key, btoa_key) in zip(ids, made, strict=True):
         assert buffer_key == only_user(user)
         for key in filter(None, (buffer_key, btoa_key)):
             assert key_problem(key) is None, (user, key)

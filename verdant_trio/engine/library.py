@@ -3,8 +3,9 @@
 Why one task per library: Verdant's decisions (server order, acknowledgements, compaction) are
 sequential per library, and SQLite wants one writer. The task drains its bounded inbox in
 batches, handles a whole batch in one transaction in a worker thread (so a commit's fsync or a big
-initial sync never blocks the event loop), and only after the commit hands the encoded replies and
-broadcasts to the peers. The thread hand-off is also what makes batches: while one batch
+initial sync never blocks the event loop; a small batch without operations runs on the event
+loop instead, see `INLINE_HISTORY_ROWS`), and only after the commit hands the encoded replies
+and broadcasts to the peers. The thread hand-off is also what makes batches: while one batch
 commits, the next one gathers (measured: committing small batches on the event loop instead made
 batches smaller and cost a quarter more CPU per operation). Under load batches grow, so commits,
 acknowledgement broadcasts and compaction passes are paid per batch, not per message.

@@ -16,6 +16,7 @@ from .settings import LibrarySettings
 
 log = logging.getLogger(__name__)
 
+
 class Libraries:
     """The registry of active libraries; their tasks live in this object's nursery."""
 
@@ -45,7 +46,12 @@ class Libraries:
 
     @contextlib.asynccontextmanager
     async def use(self, library_id: str) -> AsyncIterator[LibraryHost]:
-        """Hold a library open for the duration of a connection or request."""
+        """Hold a library open for the duration of a connection or request.
+
+        If the library's task is not running, this starts it, in the registry's nursery (the
+        core's): the caller, a connection's or a request's task, waits until its shard is open,
+        but the library's task outlives it and belongs to the core.
+        """
         host = await self._acquire(library_id)
         try:
             yield host
@@ -71,6 +77,7 @@ class Libraries:
             try:
                 host = LibraryHost(library_id, self.settings, self, self._observer)
                 host.on_empty = self.on_empty
+                # started in the core's nursery, not the caller's (see `use`)
                 await self._nursery.start(self._supervise, host)
                 self._hosts[library_id] = host
             finally:

@@ -201,6 +201,8 @@ class Server:
                 max_entries=ps.cache_max_entries,
             )
             if self._nursery is not None:
+                # Closed in the server's nursery (the one the listeners run in, which `serve`
+                # keeps in `_nursery`), once lookups already holding it have timed out.
                 self._nursery.start_soon(
                     _close_source, previous, old.settings.profile_settings.timeout_s
                 )

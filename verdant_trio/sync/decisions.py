@@ -704,7 +704,7 @@ class LibraryCore:
                 deleted_refs,
                 on_error=functools.partial(self._unappliable, oid),
             )
-            for op, data in zip(folded, datas):
+            for op, data in zip(folded, datas, strict=True):
                 if data.get("op") == "initialize":
                     authz_key = op.authz
             self.shard.put_baseline(oid, snapshot, folded[-1].timestamp, authz_key)

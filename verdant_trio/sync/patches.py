@@ -46,9 +46,9 @@ from typing import Any, Final, Literal, TypeAlias, cast
 
 __all__ = [
     "MAX_SPARSE_LENGTH",
-    "Snapshot",
     "PatchError",
     "PatchErrorKind",
+    "Snapshot",
     "apply_operations",
     "apply_patch",
     "check_patch",
@@ -451,9 +451,8 @@ def check_patch(patch: object) -> str:
         elif op == "list-move-by-ref":
             if "value" not in patch:
                 raise _malformed(op, "value (the ref to move) is required")
-        elif op == "list-remove":
-            if "only" in patch and patch["only"] not in ("first", "last"):
-                raise _malformed(op, f"only must be 'first' or 'last', got {patch['only']!r}")
+        elif op == "list-remove" and "only" in patch and patch["only"] not in ("first", "last"):
+            raise _malformed(op, f"only must be 'first' or 'last', got {patch['only']!r}")
     return op
 
 
@@ -475,7 +474,7 @@ class _Fold:
     non-index properties assigned to it.  Both die with the list (initialize/delete).
     """
 
-    __slots__ = ("value", "refs", "dirty", "expando")
+    __slots__ = ("dirty", "expando", "refs", "value")
 
     def __init__(self, value: Any, refs: list[Ref] | None) -> None:
         self.value = value

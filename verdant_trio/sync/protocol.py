@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias, Union
+from typing import Any, Final, TypeAlias
 
 import orjson
 
@@ -121,7 +121,7 @@ class SyncAck:
     replica_id: str
 
 
-ClientMessage: TypeAlias = Union[Heartbeat, Sync, Op, Ack, PresenceUpdate, Disconnecting, SyncAck]
+ClientMessage: TypeAlias = Heartbeat | Sync | Op | Ack | PresenceUpdate | Disconnecting | SyncAck
 
 
 WIRE_TYPES: Final[dict[type, str]] = {}
@@ -219,9 +219,7 @@ def _check_patch(patch: Any, where: str) -> None:
     where = f"{where} ({op})"
     if op == "initialize":
         _require_value(patch, where)
-    elif op == "set":
-        _property_name(patch, where)
-    elif op == "remove":
+    elif op == "set" or op == "remove":
         _property_name(patch, where)
     elif op in ("list-set",):
         _number(patch, "index", where)

@@ -5,8 +5,9 @@ hypercorn's protocol objects, wsproto and ASGI events costs 2–3× what it cost
 connection holds ~22 KB of hypercorn, h11 and wsproto state (the project's shared performance
 notes, and the README's benchmark "idle"). The sync socket is the server's one hot path, so the
 first request on each connection is read here: a well-formed websocket upgrade to the sync path
-(`frames.parse_upgrade`) is served by `websocket.StreamWebSocket`; anything else (HTTP sync, files, admin, a later upgrade on a kept-alive
-connection) goes to hypercorn with the bytes already read replayed in front of the stream.
+(`upgrade.parse_upgrade`) is served by `websocket.StreamWebSocket`; anything else (HTTP sync,
+files, admin, a later upgrade on a kept-alive connection) goes to hypercorn with the bytes
+already read replayed in front of the stream.
 
 The nursery tree follows hypercorn's `worker_serve`: lifespan → connection handlers → listeners.
 Shutdown stops accepting, tells hypercorn's connections to finish, and gives every handler the

@@ -16,7 +16,9 @@ from werkzeug.sansio.multipart import Data, Epilogue, File, MultipartDecoder, Ne
 
 from ..sync.errors import ErrorCode, VerdantError
 
-_MIME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(\s*;.{0,200})?$")
+_MIME: Final = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}(\s*;.{0,200})?$"
+)
 
 
 def clean_content_type(value: str | None) -> str:
