@@ -48,13 +48,15 @@ def op_message(replica: str, oid: str, n: int) -> Any:
     ])
 
 
-async def settle(peer: Peer, kind: str, timeout_s: float = 5.0) -> dict[str, Any]:
+async def settle(
+    peer: Peer, kind: str, timeout_s: float = 5.0, step_s: float = 0.01
+) -> dict[str, Any]:
     with trio.fail_after(timeout_s):
         while True:
             for m in peer.inbox:
                 if m["type"] == kind:
                     return m
-            await trio.sleep(0.01)
+            await trio.sleep(step_s)
 
 
 async def test_nobody_hears_of_an_operation_whose_commit_failed(tmp_path: Path) -> None:
@@ -173,28 +175,35 @@ async def test_a_senders_operations_in_one_batch_share_one_rebroadcast(tmp_path:
         assert "op-re" not in writer.kinds()
 
 
-async def test_idle_library_closes_and_reopens(tmp_path: Path) -> None:
-    async with libraries(tmp_path, idle_close_s=0.2) as registry:
+async def test_idle_library_closes_and_reopens(tmp_path: Path, autojump_clock: Any) -> None:
+    """On trio's autojump clock, with the default hour: the library closes an hour after its
+    last user left, not before (the decision reads trio's clock, so a jump while a worker thread
+    opens the shard can only make the hour pass sooner in real time, never shorter)."""
+    async with libraries(tmp_path) as registry:
         async with registry.use("lib") as host:
             first = host
-        with trio.fail_after(5):
-            await first.closed.wait()
+        left = trio.current_time()
+        await first.closed.wait()
+        assert trio.current_time() - left >= LibrarySettings(tmp_path).idle_close_s == 3600
         assert "lib" not in registry.active
         async with registry.use("lib") as host:
             assert host is not first
             assert await host.call(lambda core: core.shard.operation_count()) == 0
 
 
-async def test_http_presence_expires_into_presence_offline(tmp_path: Path) -> None:
-    async with libraries(tmp_path, http_presence_ttl_s=0.3) as registry, registry.use("lib") as host:
+async def test_http_presence_expires_into_presence_offline(tmp_path: Path, autojump_clock: Any) -> None:
+    """On trio's autojump clock, with the default minute of presence after an HTTP request."""
+    async with libraries(tmp_path) as registry, registry.use("lib") as host:
         watcher = Peer(1, "alice")
         await host.attach(watcher)
         puller = Peer(2, "bob", type=ReplicaType.PUSH, realtime=False)
         await host.request(puller, [message("presence-update", replicaId="rb", presence={"p": 1})])
         assert puller.kinds() == ["presence-changed"]
         assert (await settle(watcher, "presence-changed"))["userInfo"]["id"] == "bob"
-        offline = await settle(watcher, "presence-offline")
+        asked = trio.current_time()
+        offline = await settle(watcher, "presence-offline", timeout_s=3600, step_s=1.0)
         assert offline == {"type": "presence-offline", "userId": "bob", "replicaId": "rb"}
+        assert trio.current_time() - asked >= 0.9 * LibrarySettings(tmp_path).http_presence_ttl_s
 
 
 async def test_a_failing_message_does_not_undo_the_rest_of_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
