@@ -69,8 +69,10 @@ class Upkeep:
     def rebase_now(self) -> bool:
         """Whether a compaction pass is due now (at most one per `rebase_interval_s`); if so,
         it counts as started."""
+        if not self.rebase_due:
+            return False
         now = trio.current_time()
-        if not self.rebase_due or now - self._last_rebase_at < self.settings.rebase_interval_s:
+        if now - self._last_rebase_at < self.settings.rebase_interval_s:
             return False
         self.rebase_due = False
         self._last_rebase_at = now
@@ -85,10 +87,10 @@ class Upkeep:
     def global_ack_now(self, core: LibraryCore) -> list[Send]:
         """The `global-ack` broadcast, if one is pending, its slot has come and the value moved
         (at most one per `global_ack_interval_s`)."""
+        if not self._global_ack_pending:
+            return []
         now = trio.current_time()
-        if not self._global_ack_pending or (
-            now - self._last_global_ack_at < self.settings.global_ack_interval_s
-        ):
+        if now - self._last_global_ack_at < self.settings.global_ack_interval_s:
             return []
         self._global_ack_pending = False
         ack = core.global_ack()

@@ -43,6 +43,14 @@ loses part of the saving.
 """
 
 
+_PAST_OWN: Final = (
+    "COALESCE("
+    '(SELECT MIN(serverOrder) - 1 FROM "OperationHistory" WHERE serverOrder > :x AND replicaId != :id), '
+    '(SELECT MAX(serverOrder) FROM "OperationHistory"), :x)'
+)
+"""SQL for a replica's acknowledged server order `:x` moved past the operations right after it
+that are its own (`:id`): the first operation someone else wrote bounds it, else the latest. The
+serverOrder index makes it a short scan."""
 _OP_COLUMNS: Final = 'oid, timestamp, data, serverOrder, replicaId, authz'
 _REPLICA_COLUMNS: Final = (
     "id, clientId, lastSeenWallClockTime, ackedLogicalTime, type, ackedServerOrder"
@@ -291,6 +299,13 @@ class Shard:
     def baseline_count(self) -> int:
         return int(self._one('SELECT COUNT(*) FROM "DocumentBaseline"'))
 
+    def is_empty(self) -> bool:
+        """No operation and no baseline (one statement, whatever the size)."""
+        return not self._one(
+            'SELECT EXISTS(SELECT 1 FROM "OperationHistory") '
+            'OR EXISTS(SELECT 1 FROM "DocumentBaseline")'
+        )
+
     def history_at_most(self, rows: int) -> bool:
         """Whether operations and baselines together are at most `rows`; costs O(rows) whatever
         the size of the library (neither table is counted past the limit)."""
@@ -387,9 +402,11 @@ class Shard:
             _remember(self._touched_ms, replica_id, now)
 
     def update_acked_server_order(self, replica_id: str, server_order: int) -> None:
+        """The replica has seen every operation up to `server_order`, and its own after it."""
         self.conn.execute(
-            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, ?) WHERE id = ?',
-            (server_order, replica_id),
+            f'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, {_PAST_OWN}) '
+            "WHERE id = :id",
+            {"x": server_order, "id": replica_id},
         )
 
     def pass_own_operations(self, replica_id: str) -> int | None:
@@ -400,15 +417,11 @@ class Shard:
         stayed acknowledged at that point, below its own operations, for as long as nobody else
         wrote: compaction waited on it (the Node server behaves so).
         """
-        # The first operation after the acknowledged order that someone else wrote bounds it
-        # (the serverOrder index makes that a short scan); else the latest operation does.
         row = self.conn.execute(
-            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, COALESCE('
-            '(SELECT MIN(serverOrder) - 1 FROM "OperationHistory" '
-            "WHERE serverOrder > ackedServerOrder AND replicaId != ?), "
-            '(SELECT MAX(serverOrder) FROM "OperationHistory"), 0)) '
-            "WHERE id = ? RETURNING ackedServerOrder",
-            (replica_id, replica_id),
+            'UPDATE "ReplicaInfo" SET ackedServerOrder = '
+            f"MAX(ackedServerOrder, {_PAST_OWN.replace(':x', 'ackedServerOrder')}) "
+            "WHERE id = :id RETURNING ackedServerOrder",
+            {"id": replica_id},
         ).fetchone()
         return None if row is None else int(row[0])
 
@@ -421,13 +434,15 @@ class Shard:
         )
 
     def acknowledge_operation(self, replica_id: str, timestamp: str) -> None:
-        """A timestamp ack: the replica has seen everything up to `timestamp`."""
+        """A timestamp ack: the replica has seen everything up to `timestamp` (and its own
+        operations after it)."""
         self.update_acked_logical_time(replica_id, timestamp)
+        at = '(SELECT serverOrder FROM "OperationHistory" WHERE timestamp = :t LIMIT 1)'
         self.conn.execute(
-            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, COALESCE('
-            '(SELECT serverOrder FROM "OperationHistory" WHERE timestamp = ? LIMIT 1), 0)) '
-            "WHERE id = ?",
-            (timestamp, replica_id),
+            'UPDATE "ReplicaInfo" SET ackedServerOrder = MAX(ackedServerOrder, '
+            f"COALESCE({at}, 0), CASE WHEN {at} IS NULL THEN 0 ELSE {_PAST_OWN.replace(':x', at)} END) "
+            "WHERE id = :id",
+            {"t": timestamp, "id": replica_id},
         )
 
     def global_ack(self, online_replica_ids: Iterable[str] = ()) -> str | None:

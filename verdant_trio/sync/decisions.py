@@ -156,12 +156,14 @@ class SyncFacts:
     offers_since: bool
     """The replica offers only its changes since some time (else its whole history)."""
     status: Literal["new", "existing", "truant"]
-    up_to_date: bool
-    """The replica has acknowledged every operation the server holds."""
+    up_to_date: bool | None
+    """The replica has acknowledged every operation the server holds (None: not read, for a
+    new replica, whose sync never depends on it)."""
     passive_edits_stale: bool
     """A passive replica's offline edits include some older than what the others acknowledged."""
-    library_empty: bool
-    """The library holds no operation and no baseline."""
+    library_empty: bool | None
+    """The library holds no operation and no baseline (None: not read, for an existing replica
+    that does not ask for a resync, whose sync never depends on it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,7 @@ def plan_sync(facts: SyncFacts) -> SyncPlan:
         note = f"truant replica reconnected up_to_date={truant_up_to_date}"
     # Nothing to send: an empty library for a complete history, else nothing new for the replica.
     nothing = facts.library_empty if complete else facts.up_to_date
+    assert nothing is not None, "the facts read for this sync leave out what decides it"
     if nothing and facts.status == "new" and facts.offers_since:
         # The server has nothing but the replica only offers changes since some time: the
         # server lost this library. Ask for the whole history and wait for the next sync.
@@ -433,12 +436,15 @@ class LibraryCore:
     def _store_operations(
         self, replica: ReplicaRow, operations: list[dict[str, Any]], out: Outcome
     ) -> int:
-        _, inserted = self.shard.insert_operations(replica.id, operations)
+        latest, inserted = self.shard.insert_operations(replica.id, operations)
         out.stored += inserted
         # A replica has seen what it wrote: one that was up to date is still up to date (no
         # round trip of an ack needed), one that was behind is acknowledged up to where others'
         # operations begin. (The reference advanced only a replica that was up to date.)
-        if inserted:
+        if inserted and latest - replica.acked_server_order == inserted:
+            self.shard.update_acked_server_order(replica.id, latest)
+            replica.acked_server_order = latest
+        elif inserted:
             moved = self.shard.pass_own_operations(replica.id)
             if moved is not None:
                 replica.acked_server_order = moved
@@ -528,8 +534,6 @@ class LibraryCore:
             self.shard.acknowledge_operation(message.replica_id, message.timestamp)
         else:
             return
-        # what it wrote after what it just acknowledged, it has seen
-        self.shard.pass_own_operations(message.replica_id)
         out.acks_moved = True
 
     def _handle_presence(self, peer: Peer, message: PresenceUpdate, out: Outcome) -> None:
@@ -602,7 +606,6 @@ class LibraryCore:
         if peer.type.is_passive and message.since is not None and message.operations and not refused:
             ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
             stale = ack is not None and any(op["timestamp"] <= ack for op in message.operations)
-        latest = self.shard.latest_server_order()
         facts = SyncFacts(
             can_write=peer.type.can_write,
             passive=peer.type.is_passive,
@@ -611,9 +614,13 @@ class LibraryCore:
             resync_all=message.resync_all,
             offers_since=message.since is not None,
             status=status,
-            up_to_date=replica.acked_server_order >= latest,
+            # each read only where it can decide the sync (see `plan_sync`): a sync is the
+            # first thing every connection sends, so it should cost no more than it must
+            up_to_date=None if status == "new"
+            else replica.acked_server_order >= self.shard.latest_server_order(),
             passive_edits_stale=stale,
-            library_empty=self.shard.history_at_most(0),
+            library_empty=self.shard.is_empty()
+            if status != "existing" or message.resync_all else None,
         )
         return facts, replica
 

@@ -149,6 +149,9 @@ class Store(Protocol):
     def baseline_count(self) -> int:
         ...
 
+    def is_empty(self) -> bool:
+        """No operation and no baseline."""
+
     def history_at_most(self, rows: int) -> bool:
         """Whether operations and baselines together are at most `rows`; costs O(rows) whatever
         the size of the library (neither table is counted past the limit)."""
