@@ -126,14 +126,22 @@ class Shard:
         )
 
     def close(self, *, checkpoint: bool = True) -> None:
-        """Checkpoint the WAL into the main file (so a copied `.sqlite` is whole) and close."""
+        """Checkpoint the WAL into the main file and close.
+
+        A PASSIVE checkpoint, which never waits: when this is the database's last connection,
+        SQLite's close then checkpoints the rest and deletes the WAL, so a copied `.sqlite` is
+        whole. When another process keeps the database open, the WAL is left to it: Litestream
+        holds a read transaction between its own checkpoints, and a TRUNCATE checkpoint here
+        would wait out the whole busy timeout for it, holding the WAL write lock (Litestream's
+        and a reopened library's writes blocked), and then fail anyway.
+        """
         if self.closed:
             return
         self.closed = True
         try:
             if checkpoint and self.path != ":memory:":
                 with contextlib.suppress(apsw.Error):
-                    self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+                    self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         finally:
             self.conn.close()
 
