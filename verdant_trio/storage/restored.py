@@ -20,10 +20,11 @@ opens the shard (through `Shard`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Final
 
 import apsw
+
+from ..sync.store import RestoreMark, ResyncedRow
 
 MARK_TABLE: Final = "vt_Restored"
 RESYNCED_TABLE: Final = "vt_RestoredResynced"
@@ -46,23 +47,6 @@ _SCHEMA: Final = (
         "recoveredOperations" INTEGER NOT NULL DEFAULT 0
     )""",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreMark:
-    restored_at_ms: int
-    """Wall-clock time of the restore (milliseconds since the epoch)."""
-    source: str
-    """Where it came from: the replica URL, without credentials."""
-    latest_server_order: int
-    """The restored state's end in server order: operations stored after the restore are newer."""
-    newest_timestamp: str | None
-    """The newest operation or baseline timestamp the restored state holds (None: empty). Its
-    wall-clock part bounds the restore point from below."""
-    replica_count: int
-    """Replicas the restored state knew (`ReplicaInfo` rows)."""
-    tool: str
-    """What restored it (versions), for the operator reading a shard months later."""
 
 
 def _scalar(conn: apsw.Connection, sql: str) -> Any:
@@ -128,9 +112,31 @@ def read_restore_mark(conn: apsw.Connection) -> RestoreMark | None:
 
 
 def resynced_replicas(conn: apsw.Connection) -> set[str]:
+    return {row.replica_id for row in resynced_rows(conn)}
+
+
+def resynced_rows(conn: apsw.Connection) -> list[ResyncedRow]:
+    """The replicas that re-sent their history since the restore, oldest first."""
     if not _has_table(conn, RESYNCED_TABLE):
-        return set()
-    return {str(r[0]) for r in conn.execute(f'SELECT replicaId FROM "{RESYNCED_TABLE}"')}
+        return []
+    return [
+        ResyncedRow(str(r[0]), int(r[1]), int(r[2]))
+        for r in conn.execute(
+            "SELECT replicaId, resyncedAtMs, recoveredOperations "
+            f'FROM "{RESYNCED_TABLE}" ORDER BY resyncedAtMs, replicaId'
+        )
+    ]
+
+
+def is_resynced(conn: apsw.Connection, replica_id: str) -> bool:
+    """Whether the replica re-sent its history since the restore (one primary-key lookup; the
+    caller asks only while the shard is marked)."""
+    if not _has_table(conn, RESYNCED_TABLE):
+        return False
+    row = conn.execute(
+        f'SELECT 1 FROM "{RESYNCED_TABLE}" WHERE replicaId = ?', (replica_id,)
+    ).fetchone()
+    return row is not None
 
 
 def record_resynced(

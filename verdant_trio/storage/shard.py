@@ -23,9 +23,12 @@ from ..sync.store import (
     FileRow,
     HistorySlice,
     ReplicaRow,
+    RestoreMark,
+    ResyncedRow,
     StoredBaseline,
     StoredOperation,
 )
+from . import restored
 from .schema import migrate
 
 V = TypeVar("V")
@@ -174,6 +177,10 @@ class Shard:
         row = self.conn.execute(sql, params).fetchone()
         return None if row is None else row[0]
 
+    def wall_clock_ms(self) -> int:
+        """The clock of last-seen times and truancy (milliseconds since the epoch)."""
+        return self.now_ms()
+
     # -- operations -------------------------------------------------------------------------
 
     def latest_server_order(self) -> int:
@@ -212,6 +219,24 @@ class Shard:
                 order += 1
                 inserted += 1
         return order, inserted
+
+    def absent_operations(self, operations: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The operations of which no replica's copy is stored: none with the same `(oid,
+        timestamp)` under any replica id (the oid/timestamp index makes each a lookup).
+
+        A replica's full history repeats other replicas' operations; stored under its own id
+        they would be there twice, and compaction would apply a `push` or an `insert` twice.
+        `(oid, timestamp)` is what clients themselves key operations on (the timestamp carries
+        the writing session's node id).
+        """
+        execute = self.conn.execute
+        return [
+            op for op in operations
+            if execute(
+                'SELECT 1 FROM "OperationHistory" WHERE oid = ? AND timestamp = ? LIMIT 1',
+                (op["oid"], op["timestamp"]),
+            ).fetchone() is None
+        ]
 
     def operations_after(self, server_order: int) -> list[StoredOperation]:
         return [
@@ -339,17 +364,20 @@ class Shard:
             (oid, orjson.dumps(snapshot).decode(), timestamp, authz or None),
         )
 
-    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> None:
-        """Store baselines a replica sent with its full history.
+    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store baselines a replica sent with its full history; returns those stored.
 
         Unlike the reference (a plain upsert), a baseline never replaces one that is as new or
         newer: an older snapshot must not win over what the server already compacted.
         """
+        stored = []
         for b in baselines:
             existing = self.baseline(b["oid"])
             if existing is not None and existing.timestamp >= b["timestamp"]:
                 continue
             self.put_baseline(b["oid"], b.get("snapshot"), b["timestamp"], b.get("authz"))
+            stored.append(b)
+        return stored
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -493,6 +521,26 @@ class Shard:
             (self.truant_cutoff_ms - 1, replica_id),
         )
         return bool(self.conn.changes())
+
+    # -- the restored mark (`storage.restored`) ----------------------------------------------
+
+    def restore_mark(self) -> RestoreMark | None:
+        """The mark of a restore whose recovery is not over (None: never restored, or over)."""
+        return restored.read_restore_mark(self.conn)
+
+    def is_resynced(self, replica_id: str) -> bool:
+        return restored.is_resynced(self.conn, replica_id)
+
+    def resynced(self) -> list[ResyncedRow]:
+        return restored.resynced_rows(self.conn)
+
+    def record_resynced(self, replica_id: str, recovered_operations: int) -> None:
+        restored.record_resynced(
+            self.conn, replica_id, now_ms=self.now_ms(), recovered_operations=recovered_operations
+        )
+
+    def clear_restore_mark(self) -> None:
+        restored.clear_restore_mark(self.conn)
 
     # -- file metadata ----------------------------------------------------------------------
 

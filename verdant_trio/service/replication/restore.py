@@ -30,8 +30,9 @@ from typing import Final
 import apsw
 
 from ...storage.names import decode_name, encode_id
-from ...storage.restored import RestoreMark, mark_restored
+from ...storage.restored import mark_restored
 from ...storage.schema import LATEST_VERSION, current_version
+from ...sync.store import RestoreMark
 from .litestream import Replica, ReplicaError, metadata_dir, shard_names_in_file_replica
 from .lock import DirectoryLock, shard_open_by
 
