@@ -579,3 +579,29 @@ async def test_closing_a_shard_never_waits_for_litestream(litestream: Path, tmp_
         )
     assert result.returncode == 0, result.stdout + result.stderr
     assert [op[1] for op in shard_contents(restored)["operations"]] == ["items/1", "items/2"]
+
+
+def test_a_transaction_holds_the_write_lock_from_its_start(tmp_path: Path) -> None:
+    """Litestream commits to every shard it replicates (its `_litestream_seq` table). A
+    transaction that read first and asked for the write lock only at its first write would fail
+    at once (SQLITE_BUSY on a stale snapshot, no busy wait) if such a commit came in between:
+    a message rolled back for nothing. Taken at the start, the other writer waits instead."""
+    path = tmp_path / "lib.sqlite"
+    shard = Shard.open(path)
+    other = apsw.Connection(str(path))  # another process's connection, not waiting
+    other.execute("CREATE TABLE other_writes (n INTEGER)")
+    with shard.transaction():
+        assert shard.replica("r") is None  # a read first, as every batch does
+        with pytest.raises(apsw.BusyError):  # another writer cannot slip in between ...
+            other.execute("INSERT INTO other_writes VALUES (1)")
+        shard.create_replica("r", "alice", ReplicaType.REALTIME)  # ... so this write succeeds
+        with shard.transaction():  # nested: a savepoint of the same transaction
+            shard.insert_operations("r", [initialize("items/1", {})])
+    other.execute("INSERT INTO other_writes VALUES (2)")  # the lock went with the commit
+    assert shard.operation_count() == 1
+    with pytest.raises(RuntimeError), shard.transaction():
+        shard.insert_operations("r", [initialize("items/2", {})])
+        raise RuntimeError("rolled back")
+    assert shard.operation_count() == 1 and not shard.conn.in_transaction
+    other.close()
+    shard.close()
