@@ -213,8 +213,60 @@ def test_baselines_of_a_recovered_history_never_replace_newer_ones(tmp_path: Pat
     full_sync(h, a2, "ra", 11, baselines=baselines)
     assert h.shard.baseline("items/1").snapshot() == {"v": "server"}  # type: ignore[union-attr]
     assert h.shard.baseline("items/2").snapshot() == {"v": "client"}  # type: ignore[union-attr]
-    (relayed,) = b2.take("op-re")
-    assert [x["oid"] for x in relayed["baselines"]] == ["items/2"]
+    # not relayed: a 3.6.3 client would store it over a newer baseline of its own
+    assert not b2.take("op-re")
+    resync = h.sync(h.peer("carol"), "rc", t(12), resyncAll=True)  # a reset gets it
+    assert {x["oid"]: x["snapshot"] for x in resync["baselines"]}["items/2"] == {"v": "client"}
+
+
+def test_a_baseline_recovered_from_one_history_reaches_only_those_it_cannot_set_back(
+    tmp_path: Path,
+) -> None:
+    """Lost-window operations a client already folded come back only in its baseline; a
+    replica that missed them needs that baseline, but a 3.6.3 client puts an incoming baseline
+    over a newer one of its own. So it goes to connected replicas that resynced (the server's
+    was at least as new as theirs then, and no global ack lets them fold meanwhile) and to each
+    replica that resyncs later (when newer than its own); one that resynced and went away is
+    asked again."""
+    live = Harness(tmp_path / "live")
+    peers = {name: live.peer(name) for name in ("alice", "bob", "carol", "dave")}
+    for name, peer in peers.items():
+        live.sync(peer, f"r{name[0]}", t(1))
+    live.send(peers["alice"], op_message("ra", 2, [initialize("items/1", 2, v="restored")]))
+    for name, peer in peers.items():
+        live.ack_all(peer, f"r{name[0]}", t(3))
+    h = restore(live, tmp_path / "restored")
+    a, b, c, r = h.peer("alice"), h.peer("bob"), h.peer("carol"), h.peer("rita", ReplicaType.READ_ONLY_REALTIME)
+    for peer, replica, n in ((b, "rb", 10), (c, "rc", 11)):  # bob resyncs; carol has not yet
+        h.sync(peer, replica, t(n), since=t(3))
+    bob = full_sync(h, b, "rb", 12, operations=[initialize("items/1", 2, v="restored")])
+    assert "globalAckTimestamp" not in bob  # nobody folds while the library recovers
+    dave = h.peer("dave")
+    h.sync(dave, "rd", t(13), since=t(3))
+    full_sync(h, dave, "rd", 14)
+    h.core.detach(dave)  # dave resynced and left
+    for peer in (b, c, r, dave):
+        peer.take()
+    # alice folded items/2, written and acknowledged in the lost window, at t(8)
+    folded = {"oid": "items/2", "snapshot": {"v": "only in alice's baseline"}, "timestamp": t(8)}
+    stale = {"oid": "items/1", "snapshot": {"v": "older"}, "timestamp": t(1)}
+    h.sync(a, "ra", t(20), since=t(3))
+    alice = full_sync(h, a, "ra", 21, baselines=[folded, stale])
+    assert alice["baselines"] == []  # she has everything the server has, as new
+    assert [m["baselines"] for m in b.take("op-re")] == [[folded]]  # resynced and connected
+    assert [m.get("baselines") for m in c.take("op-re") + r.take("op-re")] == []  # nothing new
+    assert resynced_replicas(h.shard.conn) == {"ra", "rb"}  # dave is asked again on return
+    dave2 = h.peer("dave")
+    assert h.sync(dave2, "rd", t(30), since=t(14)) == {"type": "need-since", "since": None}
+    # carol resyncs now, holding items/1 as an operation only: she is sent both baselines
+    carol = full_sync(h, c, "rc", 22, operations=[initialize("items/1", 2, v="restored")])
+    assert sorted(x["oid"] for x in carol["baselines"]) == ["items/2"]  # items/1 is an op here
+    with h.shard.transaction():
+        h.core.rebase([])  # (the server folds as usual; still no global ack for clients)
+    late = full_sync(h, h.peer("erin"), "re", 40, operations=[], baselines=[
+        {"oid": "items/2", "snapshot": {"v": "newer of erin's"}, "timestamp": t(9)},
+    ])
+    assert [x["oid"] for x in late["baselines"]] == []  # erin's own is newer: not set back
 
 
 def test_a_passive_replicas_stale_offline_edits_are_dropped_and_it_is_reset_after_the_merge(
@@ -363,4 +415,5 @@ async def recover_through(host: LibraryHost, counted: list[tuple[str, int]]) -> 
     assert trio.current_time() - truant_at < 10
     assert (await host.call(lambda core: core.info()))["restored"] is None
     await host.submit(alice, [validate_client_message({**sync, "since": t(5)})], wait=True)
-    assert alice.take()[-1]["type"] == "sync-resp"  # an ordinary sync again
+    kinds = alice.kinds()
+    assert "sync-resp" in kinds and "need-since" not in kinds  # an ordinary sync again

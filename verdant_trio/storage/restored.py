@@ -20,6 +20,8 @@ opens the shard (through `Shard`).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from typing import Any, Final
 
 import apsw
@@ -152,6 +154,15 @@ def record_resynced(
         "recoveredOperations = recoveredOperations + excluded.recoveredOperations",
         (replica_id, now_ms, recovered_operations),
     )
+
+
+def forget_resynced(conn: apsw.Connection, keep: Iterable[str]) -> None:
+    """Every replica that resynced, except those in `keep`, must resync again."""
+    if _has_table(conn, RESYNCED_TABLE):
+        conn.execute(
+            f'DELETE FROM "{RESYNCED_TABLE}" WHERE replicaId NOT IN (SELECT value FROM json_each(?))',
+            (json.dumps(sorted(set(keep))),),
+        )
 
 
 def clear_restore_mark(conn: apsw.Connection) -> None:

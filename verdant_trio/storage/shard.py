@@ -557,6 +557,9 @@ class Shard:
             self.conn, replica_id, now_ms=self.now_ms(), recovered_operations=recovered_operations
         )
 
+    def forget_resynced(self, keep: Iterable[str]) -> None:
+        restored.forget_resynced(self.conn, keep)
+
     def clear_restore_mark(self) -> None:
         restored.clear_restore_mark(self.conn)
 

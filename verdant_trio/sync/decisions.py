@@ -290,7 +290,7 @@ def _plan_recovery(facts: SyncFacts) -> SyncPlan:
     # taken first, then it is reset to the server's state, its own recovered edits included.
     reset = facts.passive and facts.passive_edits_stale
     return SyncPlan(
-        store=True, merge=True, resynced=True, rebroadcast=True, rebroadcast_baselines=True,
+        store=True, merge=True, resynced=True, rebroadcast=True,
         overwrite=reset, complete=reset,
         note="discarding a passive replica's stale offline changes after taking its history"
         if reset else None,
@@ -388,7 +388,14 @@ class LibraryCore:
         Connected passive replicas count, as in compaction (the reference left them out of the
         value it broadcast, so clients could compact past an operation a connected passive
         replica was still sending).
+
+        None while the library recovers from a restore (not in the reference): clients must
+        not fold anything then, so that a baseline recovered from one replica's history can be
+        passed to another without being older than one it folded meanwhile (`_merge_history`).
+        The server's own compaction goes on (`rebase` reads the store's value).
         """
+        if self.recovery is not None:
+            return None
         return self.shard.global_ack(self.online_replica_ids())
 
     # -- messages ---------------------------------------------------------------------------
@@ -718,15 +725,29 @@ class LibraryCore:
 
         Stored: the operations no replica's copy of is stored (`absent`, under the sender's id)
         and the baselines newer than the server's; recorded as resynced in the same
-        transaction; what was new goes to every other peer; the replica is sent what it lacks,
-        the operations after its acknowledged server order as it stood before this merge (so
-        its own history is not echoed back), or, when it is reset, everything.
+        transaction. The new operations go to every other peer. The replica is sent what it
+        lacks: the operations after its acknowledged server order as it stood before this
+        merge (its own history is not echoed back) and every baseline newer than its own for
+        the same object; or, when it is reset, everything.
+
+        Baselines need care. A 3.6.3 client folds operations into a baseline once the global
+        ack passes them, so some of what the restore lacked may come back only inside a
+        baseline, and a replica that never received those operations needs the baseline
+        itself. But a client stores an incoming baseline with a plain put
+        (`BaselinesStore.setAll`), over a newer one of its own whose folded operations it no
+        longer has (measured with real clients: relaying baselines to everyone lost edits). So
+        a baseline goes only where it cannot be older than the client's: to the replica that
+        resyncs, those newer than the ones it just sent; to the connected replicas that
+        resynced earlier, the ones this merge won (newer than the server's, which was at least
+        as new as theirs when they resynced, and they have not folded anything since: no global
+        ack is given out while the library recovers, see `global_ack`). A replica that resynced
+        and is not connected is asked again when it returns.
         """
         replica_id = message.replica_id
         lacking = None
         if not plan.complete:
             lacking = self.shard.operations_slice(replica.acked_server_order), EMPTY_SLICE
-        won = self.shard.insert_client_baselines(message.baselines)
+        won = self.shard.insert_client_baselines(self._baselines_after_restore(message.baselines))
         recovered = self._store_operations(replica, absent, out)
         if recovered or won:
             out.changed_history = True
@@ -742,18 +763,45 @@ class LibraryCore:
         )
         if lacking is None:  # reset after its history was taken: it gets its own edits back too
             lacking = self.shard.operations_slice(0), self.shard.baselines_slice()
-        if absent or won:
-            rebroadcast: dict[str, Any] = {
-                "type": "op-re", "operations": absent, "baselines": won, "replicaId": replica_id,
-            }
-            ack = self.global_ack()
-            if ack is not None:
-                rebroadcast["globalAckTimestamp"] = ack
-            self.broadcast(
-                out, rebroadcast, exclude=peer,
-                restricted=authz.any_restricted(absent) or authz.any_restricted(won),
+        else:
+            own = {b["oid"]: b["timestamp"] for b in message.baselines}
+            newer = [b for b in self.shard.baselines() if b.timestamp > own.get(b.oid, "")]
+            if newer:
+                lacking = lacking[0], HistorySlice(len(newer), None, rows=newer)
+        others = [p for p in self.peers.values() if p is not peer]
+        resynced = [
+            p for p in others
+            if p.realtime and p.replica_id is not None and must_resync(p.type)
+            and self.shard.is_resynced(p.replica_id)
+        ] if won else []
+        if won:
+            self.shard.forget_resynced(
+                [replica_id, *(p.replica_id for p in resynced if p.replica_id is not None)]
             )
+        rest = [p for p in others if p not in resynced]
+        restricted = authz.any_restricted(absent)
+        if resynced:
+            out.sends.append(Send(
+                {"type": "op-re", "operations": absent, "baselines": won, "replicaId": replica_id},
+                resynced, restricted or authz.any_restricted(won),
+            ))
+        if absent and rest:
+            out.sends.append(Send(
+                {"type": "op-re", "operations": absent, "replicaId": replica_id}, rest, restricted,
+            ))
         self._respond_sync(peer, message, *lacking, reset=plan.overwrite, out=out)
+
+    def _baselines_after_restore(self, baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The baselines of a recovering replica's history folded after the restored state's
+        end (its newest timestamp): the restored state holds everything before it exactly as
+        the server had it, so an older client baseline can only repeat it, or contradict it.
+        Measured: a 3.6.3 client in pull mode that receives a global ack with the operations
+        it covers can fold without them; taken in, its stale snapshot replaced the server's.
+        (Lost: what a client folded in the lost window under a timestamp older than the
+        restored end, an offline edit synced and folded within the window.)"""
+        assert self.recovery is not None
+        end = self.recovery.mark.newest_timestamp
+        return baselines if end is None else [b for b in baselines if b["timestamp"] > end]
 
     def _respond_sync(
         self,

@@ -176,6 +176,9 @@ class Store(Protocol):
     def baseline(self, oid: str) -> StoredBaseline | None:
         ...
 
+    def baselines(self) -> list[StoredBaseline]:
+        ...
+
     def baseline_count(self) -> int:
         ...
 
@@ -256,6 +259,9 @@ class Store(Protocol):
 
     def record_resynced(self, replica_id: str, recovered_operations: int) -> None:
         """The replica re-sent its history (now); `recovered_operations` of it were new."""
+
+    def forget_resynced(self, keep: Iterable[str]) -> None:
+        """Every replica that resynced, except `keep`, is asked for its history again."""
 
     def clear_restore_mark(self) -> None:
         """The recovery is over: the library is like one never restored."""
