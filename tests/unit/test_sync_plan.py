@@ -12,7 +12,7 @@ from verdant_trio.sync.decisions import SyncFacts, SyncPlan, plan_sync
 BASE = SyncFacts(
     can_write=True, passive=False, has_operations=False, has_baselines=False, resync_all=False,
     offers_since=True, status="existing", up_to_date=True, passive_edits_stale=False,
-    library_empty=False,
+    library_empty=False, recovering=False,
 )
 
 
@@ -77,3 +77,55 @@ def test_resync_all_sends_the_complete_history() -> None:
     p = plan(resync_all=True)
     assert (p.overwrite, p.complete) == (True, True)
     assert plan(resync_all=True, library_empty=True).overwrite is False  # nothing to reset to
+
+
+# -- a library restored from a replica (`recovery`) ---------------------------------------------
+
+
+@pytest.mark.parametrize("status", ["new", "existing", "truant"])
+@pytest.mark.parametrize("passive", [False, True])
+def test_a_recovering_replica_that_offers_changes_since_a_time_is_asked_for_everything(
+    status: str, passive: bool
+) -> None:
+    """Known or not, truant or not: what it was acknowledged in the window the restore lost is
+    only in its history. Nothing of this sync is stored (it comes again, whole)."""
+    p = plan(recovering=True, status=status, passive=passive, has_operations=True,
+             passive_edits_stale=passive, up_to_date=False, library_empty=False)
+    assert p == SyncPlan(need_since=True, note=p.note)
+    assert p.note and "restored" in p.note
+    # the same sync from a library not recovering is an ordinary one
+    assert not plan(status=status, has_operations=True, up_to_date=False).need_since
+
+
+@pytest.mark.parametrize("up_to_date", [True, False])
+@pytest.mark.parametrize("status", ["new", "existing", "truant"])
+def test_a_recovering_replicas_whole_history_is_merged_never_reset(
+    up_to_date: bool, status: str
+) -> None:
+    """Without the recovery, a full history offered to a library with data resets the replica
+    (its copy wiped: what only it held is lost); recovering, it is merged and recorded."""
+    facts = dict(offers_since=False, has_operations=True, has_baselines=True,
+                 up_to_date=up_to_date, status=status, library_empty=False)
+    p = plan(recovering=True, **facts)
+    assert (p.store, p.merge, p.resynced, p.overwrite, p.complete) == (True, True, True, False, False)
+    assert p.rebroadcast and not p.need_since
+    assert not p.rebroadcast_baselines  # 3.6.3 clients would put them over newer ones
+    if not up_to_date or status == "new":
+        assert plan(**facts).overwrite is True  # what would happen without the mark
+
+
+def test_a_recovering_passive_replica_with_stale_offline_edits_is_reset_after_the_merge() -> None:
+    p = plan(recovering=True, passive=True, offers_since=False, has_operations=True,
+             passive_edits_stale=True)
+    assert (p.store, p.merge, p.resynced, p.overwrite, p.complete) == (True, True, True, True, True)
+    fresh = plan(recovering=True, passive=True, offers_since=False, has_operations=True)
+    assert (fresh.merge, fresh.overwrite) == (True, False)
+
+
+def test_a_replica_that_never_synced_is_handled_as_usual_while_recovering_and_counts_as_done() -> None:
+    facts = dict(status="new", offers_since=False, resync_all=True, has_operations=True,
+                 library_empty=False, up_to_date=None)
+    usual = plan(**facts)
+    p = plan(recovering=True, **facts)
+    assert p == SyncPlan(**{**{f: getattr(usual, f) for f in usual.__slots__}, "resynced": True})
+    assert (p.overwrite, p.merge) == (True, False)

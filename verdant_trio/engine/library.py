@@ -34,6 +34,8 @@ from ..sync.codes import CloseCode
 from ..sync.decisions import LibraryCore, Outcome, Peer, RebaseResult, Send
 from ..sync.errors import ErrorCode, VerdantError
 from ..sync.protocol import ClientMessage, Op, Sync
+from ..sync.recovery import Recovery
+from ..sync.store import RestoreMark
 from .envelopes import (
     WAKE,
     Attach,
@@ -95,6 +97,9 @@ class LibraryHost:
         self.refs = 0
         self.accepting = True
         self.closed = trio.Event()
+        self.recovered = trio.Event()
+        """Set once the library is not recovering from a restore: at open for a library never
+        restored (or whose recovery was over), else when its restored mark is cleared."""
         self.core: LibraryCore | None = None
         self._cancel = trio.CancelScope()
         self._small_history: bool | None = None
@@ -172,16 +177,37 @@ class LibraryHost:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         settings = self.settings
         path = settings.shard_path(self.id)
-        shard = await trio.to_thread.run_sync(
-            lambda: Shard.open(
+
+        def open_shard() -> tuple[Shard, RestoreMark | None]:
+            shard = Shard.open(
                 path,
                 truancy_minutes=settings.truancy_minutes,
                 file_expiration_days=settings.file_expiration_days,
                 synchronous=settings.synchronous,
             )
+            try:
+                return shard, shard.restore_mark()
+            except BaseException:
+                shard.close()
+                raise
+
+        shard, mark = await trio.to_thread.run_sync(open_shard)
+        recovery = None if mark is None else Recovery(
+            mark,
+            grace_ms=int(settings.restore_grace_s * 1000),
+            truancy_ms=int(settings.truancy_minutes * 60_000),
         )
-        self.core = LibraryCore(self.id, shard, rebase=settings.rebase)
+        self.core = LibraryCore(self.id, shard, rebase=settings.rebase, recovery=recovery)
+        self._upkeep.recovering = recovery is not None
+        if recovery is None:
+            self.recovered.set()
         log.info("library opened library=%s path=%s", self.id, path)
+        if mark is not None:
+            log.info(
+                "library restored from a replica; recovering library=%s source=%s "
+                "restored_at_ms=%d latest_server_order=%d",
+                self.id, mark.source, mark.restored_at_ms, mark.latest_server_order,
+            )
         self._observer.library_opened()
         task_status.started()
         try:
@@ -337,6 +363,9 @@ class LibraryHost:
         outcome, encoded, global_ack = result
         if outcome.stored:
             self._observer.operations_stored(outcome.stored)
+        if outcome.resynced:
+            self._observer.replicas_resynced(outcome.resynced)
+            self._observer.operations_recovered(outcome.recovered)
         self._hand_over(encoded)
         for envelope in work:
             if envelope.done is not None:
@@ -344,7 +373,8 @@ class LibraryHost:
         for peer in outcome.detach:
             self.detach(peer)
         self._upkeep.after_batch(
-            history_moved=outcome.acks_moved or outcome.changed_history, global_ack=global_ack
+            history_moved=outcome.acks_moved or outcome.changed_history, global_ack=global_ack,
+            resynced=bool(outcome.resynced),
         )
 
     def _inline(self, work: list[Work]) -> bool:
@@ -457,6 +487,29 @@ class LibraryHost:
         if upkeep.rebase_now():  # compaction is batched: one pass per interval at most
             await self._rebase()
         self._deliver(upkeep.global_ack_now(core))
+        if upkeep.recovery_check_now():
+            await self._check_recovery()
+
+    async def _check_recovery(self) -> None:
+        """Clear the restored mark once the recovery is over (`LibraryCore.end_recovery_if_over`);
+        from then on the library is exactly one never restored."""
+        core = self.core
+        assert core is not None
+
+        def run() -> str | None:
+            with core.shard.transaction():
+                return core.end_recovery_if_over()
+
+        try:
+            reason = await trio.to_thread.run_sync(run)
+        except Exception:
+            log.exception("checking the recovery from a restore failed; will retry library=%s", self.id)
+            return
+        if reason is not None:
+            core.recovery = None
+            self._upkeep.recovering = False
+            self.recovered.set()
+            log.info("recovery from a restore is over; mark cleared library=%s reason=%s", self.id, reason)
 
     async def _rebase(self) -> None:
         core = self.core

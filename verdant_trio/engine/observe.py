@@ -24,6 +24,12 @@ class Observer(Protocol):
 
     def operations_stored(self, count: int) -> None: ...
 
+    def operations_recovered(self, count: int) -> None:
+        """Operations a library restored from a replica lacked, brought back by a replica."""
+
+    def replicas_resynced(self, count: int) -> None:
+        """Replicas that re-sent their history to a library restored from a replica."""
+
     def rebase(self, duration_s: float, operations: int) -> None: ...
 
     def slow_consumer(self) -> None:
@@ -50,6 +56,12 @@ class NullObserver:
         pass
 
     def operations_stored(self, count: int) -> None:
+        pass
+
+    def operations_recovered(self, count: int) -> None:
+        pass
+
+    def replicas_resynced(self, count: int) -> None:
         pass
 
     def rebase(self, duration_s: float, operations: int) -> None:

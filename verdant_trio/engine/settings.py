@@ -33,6 +33,13 @@ class LibrarySettings:
     rebase: bool = True
     coalesce_ticks: int = 2
     """Scheduler ticks a batch of operations waits for the rest of the same wake-up."""
+    restore_grace_s: float = 24 * 60 * 60.0
+    """A library restored from a replica keeps asking returning replicas for their history
+    until every replica it knows has re-sent it and this long has passed since the restore
+    (for replicas the restored state cannot know about), or the truancy period has."""
+    recovery_check_interval_s: float = 60.0
+    """How often a recovering library checks whether its recovery is over (and at once after
+    a replica re-sent its history)."""
 
     def shard_path(self, library_id: str) -> Path:
         return self.databases_dir / f"{encode_id(library_id, 'library id')}.sqlite"

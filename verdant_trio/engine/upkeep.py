@@ -1,5 +1,6 @@
 """What a library does between batches: HTTP clients' presence leases, users leaving, the
-coalesced global acknowledgement, and the pace of compaction.
+coalesced global acknowledgement, the pace of compaction, and when a library recovering from a
+restore checks whether its recovery is over.
 
 Pure bookkeeping over trio's clock, owned by the library's task (`library.LibraryHost`), which
 asks it when its next deadline is and what to send when one passes.
@@ -26,6 +27,10 @@ class Upkeep:
         self._last_global_ack_at = -math.inf
         self.rebase_due = False
         self._last_rebase_at = -math.inf
+        self.recovering = False
+        """The library carries the restored mark (set by the library's task)."""
+        self._recovery_due = False
+        self._last_recovery_check_at = -math.inf
 
     # -- presence ---------------------------------------------------------------------------
 
@@ -58,11 +63,15 @@ class Upkeep:
 
     # -- acknowledgements and compaction ----------------------------------------------------
 
-    def after_batch(self, *, history_moved: bool, global_ack: str | None) -> None:
+    def after_batch(
+        self, *, history_moved: bool, global_ack: str | None, resynced: bool = False
+    ) -> None:
         """A batch moved acknowledgements or history: compaction is due, and a new global ack
-        waits for its slot."""
+        waits for its slot; a replica re-sent its history: the recovery may be over."""
         if history_moved:
             self.rebase_due = True
+        if resynced:
+            self._recovery_due = True
         if global_ack is not None and global_ack != self._global_ack_sent:
             self._global_ack_pending = True
 
@@ -102,6 +111,20 @@ class Upkeep:
         core.broadcast(outcome, {"type": "global-ack", "timestamp": ack})
         return outcome.sends
 
+    def recovery_check_now(self) -> bool:
+        """Whether a recovering library should check now if its recovery is over: at once after
+        a replica re-sent its history, else once per `recovery_check_interval_s` (the grace
+        period and the truancy run out on their own). If so, it counts as done."""
+        if not self.recovering:
+            return False
+        now = trio.current_time()
+        interval = self.settings.recovery_check_interval_s
+        if not self._recovery_due and now - self._last_recovery_check_at < interval:
+            return False
+        self._recovery_due = False
+        self._last_recovery_check_at = now
+        return True
+
     def next_deadline(self) -> float:
         """The earliest time something here is due (infinity: nothing)."""
         deadlines = [math.inf]
@@ -111,4 +134,9 @@ class Upkeep:
             deadlines.append(self._last_rebase_at + self.settings.rebase_interval_s)
         if self.http_leases:
             deadlines.append(min(expiry for expiry, _ in self.http_leases.values()))
+        if self.recovering:
+            deadlines.append(
+                -math.inf if self._recovery_due
+                else self._last_recovery_check_at + self.settings.recovery_check_interval_s
+            )
         return min(deadlines)

@@ -6,6 +6,8 @@
     verdant-trio token --library L --user U            mint a sync token (scripts, debugging)
     verdant-trio admin info|snapshot|evict|force-truant|evict-user ...   talk to a running daemon
     verdant-trio backup --out DIR                      consistent online copy of every shard
+    verdant-trio litestream-config --replica URL       Litestream configuration for the shards
+    verdant-trio restore --from URL [--library ID]     libraries back from a Litestream replica
     verdant-trio quickstart [--port N]                 the development server (= verdant-server)
 
 Exit status: 0 done, 1 failed, 2 bad usage, 78 bad configuration (EX_CONFIG).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from functools import partial
@@ -39,6 +42,9 @@ from .config import (
     quickstart_settings,
     render_example,
 )
+from .replication.litestream import Replica, ReplicaError, find_binary, render_config
+from .replication.lock import DirectoryBusy
+from .replication.restore import RestoreRefused, restore_all
 from .version import package_version
 
 log = logging.getLogger("verdant_trio.cli")
@@ -396,6 +402,74 @@ def run_backup(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# -- replication (Litestream) -------------------------------------------------------------------
+
+
+def databases_dir_of(args: argparse.Namespace) -> Path:
+    if args.databases_dir is not None:
+        return Path(args.databases_dir)
+    loaded = load_for_tool(args)
+    if loaded is None:
+        raise CommandError("pass --config (or --databases-dir)")
+    return loaded.settings.core.libraries.databases_dir
+
+
+def run_litestream_config(args: argparse.Namespace) -> int:
+    try:
+        replica = Replica.parse(args.replica)
+        text = render_config(
+            databases_dir_of(args).absolute(), replica,
+            sync_interval=args.sync_interval,
+            meta_dir=args.meta_dir.absolute() if args.meta_dir else None,
+        )
+    except (ReplicaError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    if args.out is None:
+        sys.stdout.write(text)
+    else:
+        args.out.write_text(text)
+        print(f"wrote {args.out}: run `litestream replicate -config {args.out}`", file=sys.stderr)
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    try:
+        replica = Replica.parse(args.source)
+        binary = find_binary(args.litestream)
+    except (ReplicaError, FileNotFoundError) as exc:
+        raise CommandError(str(exc)) from None
+    databases_dir = databases_dir_of(args)
+    tool = f"verdant-trio {package_version()}, {litestream_version(binary)}"
+    try:
+        done, failed = restore_all(
+            binary, replica, databases_dir, args.library or None,
+            force=args.force, timestamp=args.timestamp,
+            meta_dir=args.meta_dir, tool=tool,
+        )
+    except (RestoreRefused, DirectoryBusy) as exc:
+        raise CommandError(f"nothing restored: {exc}") from None
+    for shard in done:
+        aside = f"; replaced shard kept as {shard.replaced.name}" if shard.replaced else ""
+        print(
+            f"restored {shard.library_id}: {shard.operations} operations, {shard.baselines} "
+            f"baselines, {shard.replicas} replicas; integrity ok; marked restored{aside}"
+        )
+    for failure in failed:
+        print(f"error: {failure.library_id}: {failure.error}", file=sys.stderr)
+    print(f"restored {len(done)} of {len(done) + len(failed)} libraries into {databases_dir}")
+    return 1 if failed else 0
+
+
+def litestream_version(binary: Path) -> str:
+    try:
+        result = subprocess.run(
+            [str(binary), "version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandError(f"cannot run {binary}: {exc}") from None
+    return f"litestream {result.stdout.strip() or 'unknown'}"
+
+
 # -- the parser ----------------------------------------------------------------------------------
 
 
@@ -470,6 +544,41 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: when stderr is a terminal)")
     backup.set_defaults(run=run_backup)
+
+    litestream = commands.add_parser(
+        "litestream-config", help="Litestream configuration replicating every library"
+    )
+    add_config_option(litestream)
+    add_credentials_option(litestream)
+    litestream.add_argument("--databases-dir", type=Path, help="instead of the config's")
+    litestream.add_argument("--replica", required=True,
+                            help="file:///path (or /path) or s3://bucket/path[?endpoint=...]")
+    litestream.add_argument("--sync-interval", help="how often WAL changes are shipped "
+                            "(Litestream's default: 1s)")
+    litestream.add_argument("--meta-dir", type=Path,
+                            help="Litestream's local state (default: beside each shard)")
+    litestream.add_argument("--out", "-o", type=Path, help="write here (default: stdout)")
+    litestream.set_defaults(run=run_litestream_config)
+
+    restore = commands.add_parser(
+        "restore", help="libraries back from a Litestream replica (daemon stopped)"
+    )
+    add_config_option(restore)
+    add_credentials_option(restore)
+    restore.add_argument("--databases-dir", type=Path, help="instead of the config's")
+    restore.add_argument("--from", dest="source", required=True, metavar="REPLICA",
+                         help="the replica litestream-config was given")
+    restore.add_argument("--library", "-l", action="append",
+                         help="restore this library (repeatable; default: every shard of a "
+                         "file replica)")
+    restore.add_argument("--force", action="store_true",
+                         help="replace existing shards (each is kept aside, never deleted)")
+    restore.add_argument("--timestamp", help="point in time, RFC 3339 (default: the latest)")
+    restore.add_argument("--meta-dir", type=Path,
+                         help="the meta-dir given to litestream-config, if any")
+    restore.add_argument("--litestream", type=Path,
+                         help="the litestream binary (default: the one the extra installed)")
+    restore.set_defaults(run=run_restore)
     return parser
 
 

@@ -388,6 +388,11 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "when it returns."),
     Key("storage", "idle_close_s", number(above=0), _default(_LIB, "idle_close_s"),
         "Close a library's database this long after its last client left."),
+    Key("storage", "restore_grace_s", number(at_least=0), _default(_LIB, "restore_grace_s"),
+        "A library restored from a replica (`verdant-trio restore`) asks every replica that\n"
+        "returns for its whole history, to recover what the restore lacked. It stops once\n"
+        "every replica it knows has done so and this long has passed since the restore (time\n"
+        "for replicas the restored copy cannot know about), or after truancy_minutes."),
     Key("storage", "synchronous", choice("full", "normal"), "normal",
         '"normal" (what the Node server runs with): every acknowledged change survives a crash\n'
         "or kill of the server process; after a power cut or OS crash the database is\n"
@@ -636,6 +641,7 @@ def build_settings(
         idle_close_s=v("storage", "idle_close_s"),
         file_expiration_days=v("files", "expiration_days"),
         synchronous=v("storage", "synchronous").upper(),
+        restore_grace_s=v("storage", "restore_grace_s"),
     )
     core = CoreSettings(
         libraries=libraries,

@@ -39,6 +39,7 @@ from .health import Health, register_health
 from .metrics import PrometheusObserver, RequestHooks
 from .notify import SystemdNotifier
 from .profiles import HttpProfiles, load_callable
+from .replication.lock import DirectoryLock
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,13 @@ class Server:
             storage_dirs.append(file_storage.root)
         for directory in storage_dirs:
             await trio.to_thread.run_sync(partial(directory.mkdir, parents=True, exist_ok=True))
+        # Held while this process may open shards there: `verdant-trio restore` refuses to
+        # replace files under a running daemon, and a second daemon on the same directory
+        # refuses to start (DirectoryBusy is an OSError: "cannot serve", exit status 1).
+        directory_lock = DirectoryLock(
+            settings.core.libraries.databases_dir, "verdant-trio daemon"
+        )
+        await trio.to_thread.run_sync(directory_lock.acquire)
         try:
             async with open_core(
                 settings.core,
@@ -183,6 +191,7 @@ class Server:
                 self.health.listening = False
         finally:
             self._nursery = None
+            directory_lock.release()
             await _close_source(self.profiles.source)
         log.info("stopped: every library closed")
 

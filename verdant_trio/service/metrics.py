@@ -135,6 +135,17 @@ class PrometheusObserver:
         self.stored_operations = Counter(
             "verdant_operations_stored", "Operations committed to storage", registry=r
         )
+        self.recovered_operations = Counter(
+            "verdant_operations_recovered",
+            "Operations a library restored from a replica lacked, brought back by replicas "
+            "re-sending their history (also counted as stored)",
+            registry=r,
+        )
+        self.resynced_replicas = Counter(
+            "verdant_replicas_resynced",
+            "Replicas that re-sent their history to a library restored from a replica",
+            registry=r,
+        )
         self.rebases = Counter(
             "verdant_rebases", "Compaction passes that folded operations into baselines", registry=r
         )
@@ -183,6 +194,12 @@ class PrometheusObserver:
 
     def operations_stored(self, count: int) -> None:
         self.stored_operations.inc(count)
+
+    def operations_recovered(self, count: int) -> None:
+        self.recovered_operations.inc(count)
+
+    def replicas_resynced(self, count: int) -> None:
+        self.resynced_replicas.inc(count)
 
     def rebase(self, duration_s: float, operations: int) -> None:
         self.rebases.inc()

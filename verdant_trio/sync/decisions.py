@@ -6,7 +6,8 @@ set of attached peers, and appends `Send` effects to a list; it never touches a 
 library's task (`engine.library.LibraryHost`) runs it inside a transaction and delivers the
 effects only after the commit, so nobody, sender or peer, ever hears of an operation the server
 has not stored. What a sync means is decided first as plain data (`plan_sync`), without the
-store, so those decisions are tested on their own.
+store, so those decisions are tested on their own. A library restored from a replica recovers
+what the restore lacked from its replicas' histories (`recovery`, and `plan_sync`'s first rule).
 
 The decisions follow the reference `Library.ts`. Where the reference loses or corrupts data
 this module deliberately differs; each place says so ("Differs from the reference").
@@ -19,7 +20,7 @@ import binascii
 import functools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, Protocol
 
 import orjson
@@ -38,6 +39,7 @@ from .protocol import (
     Sync,
     SyncAck,
 )
+from .recovery import Recovery, must_resync
 from .store import HistorySlice, ReplicaRow, Store, StoredOperation
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,10 @@ class Outcome:
     changed_history: bool = False
     acks_moved: bool = False
     stored: int = 0
+    recovered: int = 0
+    """Operations a restored library lacked that a replica's history brought back."""
+    resynced: int = 0
+    """Replicas that re-sent their history to a restored library."""
     server_acks: dict[int, Send] = field(default_factory=dict)
     mergeable: list[Send] = field(default_factory=list)
     """Sends later messages of the batch may extend (joined op-re, coalesced server-ack)."""
@@ -96,7 +102,10 @@ class Outcome:
         acks = dict(self.server_acks)
         mergeable = len(self.mergeable)
         merged = [(send, dict(send.message), send.restricted) for send in self.mergeable]
-        counts = (self.stored, self.changed_history, self.acks_moved, len(self.detach))
+        counts = (
+            self.stored, self.recovered, self.resynced, self.changed_history, self.acks_moved,
+            len(self.detach),
+        )
 
         def restore() -> None:
             del self.sends[mark:]
@@ -106,7 +115,10 @@ class Outcome:
                 send.message.clear()
                 send.message.update(message)
                 send.restricted = restricted
-            self.stored, self.changed_history, self.acks_moved, detached = counts
+            (
+                self.stored, self.recovered, self.resynced, self.changed_history,
+                self.acks_moved, detached,
+            ) = counts
             del self.detach[detached:]
 
         return restore
@@ -160,10 +172,14 @@ class SyncFacts:
     """The replica has acknowledged every operation the server holds (None: not read, for a
     new replica, whose sync never depends on it)."""
     passive_edits_stale: bool
-    """A passive replica's offline edits include some older than what the others acknowledged."""
+    """A passive replica's offline edits include some older than what the others acknowledged
+    (when it recovers: some of the operations in its history that the server lacks)."""
     library_empty: bool | None
     """The library holds no operation and no baseline (None: not read, for an existing replica
     that does not ask for a resync, whose sync never depends on it)."""
+    recovering: bool
+    """The library was restored from a replica and this replica, which may write, has not
+    re-sent its history since (`recovery`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +192,11 @@ class SyncPlan:
     """Answer only with `need-since`: the server lost the library, ask for the whole history."""
     store: bool = False
     """Store the replica's operations and baselines and move its acknowledged time."""
+    merge: bool = False
+    """The replica sent its whole history to a restored library: store only the operations no
+    replica's copy of is stored yet, and tell the other peers of what was new."""
+    resynced: bool = False
+    """Record that the replica re-sent its history since the restore."""
     rebroadcast: bool = False
     rebroadcast_baselines: bool = False
     overwrite: bool = False
@@ -192,6 +213,8 @@ class SyncPlan:
 def plan_sync(facts: SyncFacts) -> SyncPlan:
     """The decisions of the reference's `Library.ts` sync handling, as plain data; where it loses
     or corrupts data we differ, each place says so."""
+    if facts.recovering:
+        return _plan_recovery(facts)
     if not facts.can_write and (facts.has_operations or facts.has_baselines):
         # Differs from the reference: it refuses the whole sync, so a read-only client with
         # local edits never receives anything again. We refuse the edits (never stored, never
@@ -243,6 +266,37 @@ def plan_sync(facts: SyncFacts) -> SyncPlan:
     )
 
 
+def _plan_recovery(facts: SyncFacts) -> SyncPlan:
+    """A sync from a replica that may write, to a library restored from a replica that it has
+    not re-sent its history to (not in the reference, which has no restore).
+
+    The restore may end before what the server acknowledged, and a client never sends again
+    what a `server-ack` told it was synced. The one request 3.6.3 clients obey is `need-since`
+    with `since: null` (with any timestamp they send an ordinary sync: its value is ignored);
+    they answer with their whole history: every operation they hold, their own and other
+    replicas' not yet compacted, all their baselines, `since: null` and `resyncAll: false`.
+    That history is merged, never answered with a reset before it was taken: a reset
+    (`overwriteLocalData`) would wipe the only copy of what the server lacks.
+    """
+    if facts.offers_since:
+        return SyncPlan(need_since=True,
+                        note="library restored from a replica; asking replica for its full history")
+    if facts.resync_all:
+        # A replica that never synced holds nothing anybody acknowledged: handled as any other
+        # such replica, and it has given all it could.
+        return replace(plan_sync(replace(facts, recovering=False)), resynced=True)
+    # A passive replica's offline edits older than what the others acknowledged are discarded
+    # as in `plan_sync` (clients would apply them differently): the rest of its history is
+    # taken first, then it is reset to the server's state, its own recovered edits included.
+    reset = facts.passive and facts.passive_edits_stale
+    return SyncPlan(
+        store=True, merge=True, resynced=True, rebroadcast=True,
+        overwrite=reset, complete=reset,
+        note="discarding a passive replica's stale offline changes after taking its history"
+        if reset else None,
+    )
+
+
 class LibraryCore:
     def __init__(
         self,
@@ -250,9 +304,12 @@ class LibraryCore:
         shard: Store,
         *,
         rebase: bool = True,
+        recovery: Recovery | None = None,
     ) -> None:
         self.id = library_id
         self.shard = shard
+        self.recovery = recovery
+        """Set while the library recovers from a restore (read from the shard when it opens)."""
         self.presence = PresenceState()
         self.peers: dict[int, Peer] = {}
         self.rebase_enabled = rebase
@@ -331,7 +388,14 @@ class LibraryCore:
         Connected passive replicas count, as in compaction (the reference left them out of the
         value it broadcast, so clients could compact past an operation a connected passive
         replica was still sending).
+
+        None while the library recovers from a restore (not in the reference): clients must
+        not fold anything then, so that a baseline recovered from one replica's history can be
+        passed to another without being older than one it folded meanwhile (`_merge_history`).
+        The server's own compaction goes on (`rebase` reads the store's value).
         """
+        if self.recovery is not None:
+            return None
         return self.shard.global_ack(self.online_replica_ids())
 
     # -- messages ---------------------------------------------------------------------------
@@ -551,7 +615,7 @@ class LibraryCore:
 
     def _handle_sync(self, peer: Peer, message: Sync, out: Outcome) -> None:
         replica_id = message.replica_id
-        facts, replica = self._sync_facts(peer, message)
+        facts, replica, absent = self._sync_facts(peer, message)
         plan = plan_sync(facts)
         if plan.note:
             log.log(
@@ -563,6 +627,12 @@ class LibraryCore:
         if plan.need_since:
             self._reply(out, peer, {"type": "need-since", "since": None})
             return
+        if plan.merge:
+            self._merge_history(peer, message, replica, absent, plan, out)
+            return
+        if plan.resynced:
+            self.shard.record_resynced(replica_id, 0)
+            out.resynced += 1
         # what the replica is sent is read before its own changes are stored: it has them
         if plan.complete:
             operations, baselines = self.shard.operations_slice(0), self.shard.baselines_slice()
@@ -594,16 +664,33 @@ class LibraryCore:
             )
         self._respond_sync(peer, message, operations, baselines, reset=plan.overwrite, out=out)
 
-    def _sync_facts(self, peer: Peer, message: Sync) -> tuple[SyncFacts, ReplicaRow]:
+    def _sync_facts(
+        self, peer: Peer, message: Sync
+    ) -> tuple[SyncFacts, ReplicaRow, list[dict[str, Any]]]:
         """What `plan_sync` needs to know, read from the store (the replica's record is created
-        or, for `resyncAll`, re-created on the way)."""
+        or, for `resyncAll`, re-created on the way), and, for a history offered to a library
+        recovering from a restore, the operations of it the library lacks (a passive replica's
+        stale ones left out)."""
         replica_id = message.replica_id
         refused = not peer.type.can_write and bool(message.operations or message.baselines)
         if message.resync_all and not refused:
             self.shard.delete_replica(replica_id)
+        recovering = (
+            self.recovery is not None
+            and must_resync(peer.type)
+            and not self.shard.is_resynced(replica_id)
+        )
         status, replica = self._replica_for(peer, replica_id)
         stale = False
-        if peer.type.is_passive and message.since is not None and message.operations and not refused:
+        absent: list[dict[str, Any]] = []
+        if recovering and message.since is None and not message.resync_all:
+            absent = self.shard.absent_operations(message.operations)
+            if peer.type.is_passive and absent:
+                ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
+                if ack is not None:
+                    kept = [op for op in absent if op["timestamp"] > ack]
+                    stale, absent = len(kept) < len(absent), kept
+        elif peer.type.is_passive and message.since is not None and message.operations and not refused:
             ack = self.shard.global_ack(self.online_replica_ids() - {replica_id})
             stale = ack is not None and any(op["timestamp"] <= ack for op in message.operations)
         facts = SyncFacts(
@@ -621,8 +708,100 @@ class LibraryCore:
             passive_edits_stale=stale,
             library_empty=self.shard.is_empty()
             if status != "existing" or message.resync_all else None,
+            recovering=recovering,
         )
-        return facts, replica
+        return facts, replica, absent
+
+    def _merge_history(
+        self,
+        peer: Peer,
+        message: Sync,
+        replica: ReplicaRow,
+        absent: list[dict[str, Any]],
+        plan: SyncPlan,
+        out: Outcome,
+    ) -> None:
+        """Take a recovering replica's whole history (see `_plan_recovery`).
+
+        Stored: the operations no replica's copy of is stored (`absent`, under the sender's id)
+        and the baselines newer than the server's; recorded as resynced in the same
+        transaction. The new operations go to every other peer. The replica is sent what it
+        lacks: the operations after its acknowledged server order as it stood before this
+        merge (its own history is not echoed back) and every baseline newer than its own for
+        the same object; or, when it is reset, everything.
+
+        Baselines need care. A 3.6.3 client folds operations into a baseline once the global
+        ack passes them, so some of what the restore lacked may come back only inside a
+        baseline, and a replica that never received those operations needs the baseline
+        itself. But a client stores an incoming baseline with a plain put
+        (`BaselinesStore.setAll`), over a newer one of its own whose folded operations it no
+        longer has (measured with real clients: relaying baselines to everyone lost edits). So
+        a baseline goes only where it cannot be older than the client's: to the replica that
+        resyncs, those newer than the ones it just sent; to the connected replicas that
+        resynced earlier, the ones this merge won (newer than the server's, which was at least
+        as new as theirs when they resynced, and they have not folded anything since: no global
+        ack is given out while the library recovers, see `global_ack`). A replica that resynced
+        and is not connected is asked again when it returns.
+        """
+        replica_id = message.replica_id
+        lacking = None
+        if not plan.complete:
+            lacking = self.shard.operations_slice(replica.acked_server_order), EMPTY_SLICE
+        won = self.shard.insert_client_baselines(self._baselines_after_restore(message.baselines))
+        recovered = self._store_operations(replica, absent, out)
+        if recovered or won:
+            out.changed_history = True
+        self.shard.update_acked_logical_time(replica_id, message.timestamp)
+        out.acks_moved = True
+        self.shard.record_resynced(replica_id, recovered)
+        out.recovered += recovered
+        out.resynced += 1
+        log.info(
+            "replica resynced after restore library=%s replica=%s user=%s "
+            "recovered_operations=%d recovered_baselines=%d history_operations=%d",
+            self.id, replica_id, peer.user_id, recovered, len(won), len(message.operations),
+        )
+        if lacking is None:  # reset after its history was taken: it gets its own edits back too
+            lacking = self.shard.operations_slice(0), self.shard.baselines_slice()
+        else:
+            own = {b["oid"]: b["timestamp"] for b in message.baselines}
+            newer = [b for b in self.shard.baselines() if b.timestamp > own.get(b.oid, "")]
+            if newer:
+                lacking = lacking[0], HistorySlice(len(newer), None, rows=newer)
+        others = [p for p in self.peers.values() if p is not peer]
+        resynced = [
+            p for p in others
+            if p.realtime and p.replica_id is not None and must_resync(p.type)
+            and self.shard.is_resynced(p.replica_id)
+        ] if won else []
+        if won:
+            self.shard.forget_resynced(
+                [replica_id, *(p.replica_id for p in resynced if p.replica_id is not None)]
+            )
+        rest = [p for p in others if p not in resynced]
+        restricted = authz.any_restricted(absent)
+        if resynced:
+            out.sends.append(Send(
+                {"type": "op-re", "operations": absent, "baselines": won, "replicaId": replica_id},
+                resynced, restricted or authz.any_restricted(won),
+            ))
+        if absent and rest:
+            out.sends.append(Send(
+                {"type": "op-re", "operations": absent, "replicaId": replica_id}, rest, restricted,
+            ))
+        self._respond_sync(peer, message, *lacking, reset=plan.overwrite, out=out)
+
+    def _baselines_after_restore(self, baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The baselines of a recovering replica's history folded after the restored state's
+        end (its newest timestamp): the restored state holds everything before it exactly as
+        the server had it, so an older client baseline can only repeat it, or contradict it.
+        Measured: a 3.6.3 client in pull mode that receives a global ack with the operations
+        it covers can fold without them; taken in, its stale snapshot replaced the server's.
+        (Lost: what a client folded in the lost window under a timestamp older than the
+        restored end, an offline edit synced and folded within the window.)"""
+        assert self.recovery is not None
+        end = self.recovery.mark.newest_timestamp
+        return baselines if end is None else [b for b in baselines if b["timestamp"] > end]
 
     def _respond_sync(
         self,
@@ -724,6 +903,54 @@ class LibraryCore:
                 result.deleted_file_ids.append(ref["id"])
         return result
 
+    # -- recovery from a restore ------------------------------------------------------------
+
+    def recovery_waiting_for(self) -> list[str]:
+        """The replicas that count and have not re-sent their history since the restore."""
+        if self.recovery is None:
+            return []
+        resynced = (row.replica_id for row in self.shard.resynced())
+        return self.recovery.waiting_for(self.shard.replicas(), resynced, self.shard.is_truant)
+
+    def end_recovery_if_over(self) -> str | None:
+        """Clear the restored mark if the recovery is over; returns why (None: not over, or no
+        recovery). Run inside a transaction; once it committed, the caller sets `recovery` to
+        None: from then on the library is like one never restored."""
+        if self.recovery is None:
+            return None
+        reason = self.recovery.over(self.shard.wall_clock_ms(), len(self.recovery_waiting_for()))
+        if reason is not None:
+            self.shard.clear_restore_mark()
+        return reason
+
+    def _restored_info(self) -> dict[str, Any] | None:
+        if self.recovery is None:
+            return None
+        mark = self.recovery.mark
+        resynced = self.shard.resynced()
+        return {
+            "restoredAtMs": mark.restored_at_ms,
+            "source": mark.source,
+            "tool": mark.tool,
+            "latestServerOrder": mark.latest_server_order,
+            "newestTimestamp": mark.newest_timestamp,
+            "replicaCount": mark.replica_count,
+            "resynced": [
+                {
+                    "replicaId": row.replica_id,
+                    "resyncedAtMs": row.resynced_at_ms,
+                    "recoveredOperations": row.recovered_operations,
+                }
+                for row in resynced
+            ],
+            "recoveredOperations": sum(row.recovered_operations for row in resynced),
+            "waitingFor": self.recovery_waiting_for(),
+            # the mark goes once nobody is waited for and the grace has passed, or in any case
+            # when the truancy period has
+            "graceEndsAtMs": mark.restored_at_ms + self.recovery.grace_ms,
+            "endsByMs": mark.restored_at_ms + self.recovery.truancy_ms,
+        }
+
     # -- reading documents ------------------------------------------------------------------
 
     def object_snapshot(self, oid: str) -> Any:
@@ -794,6 +1021,7 @@ class LibraryCore:
             "operationsCount": self.shard.operation_count(),
             "baselinesCount": self.shard.baseline_count(),
             "globalAck": self.global_ack(),
+            "restored": self._restored_info(),
         }
         if not replicas and not data["operationsCount"] and not data["baselinesCount"]:
             return None

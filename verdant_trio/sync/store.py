@@ -102,6 +102,33 @@ class FileRow:
     pending_delete_at_ms: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class RestoreMark:
+    restored_at_ms: int
+    """Wall-clock time of the restore (milliseconds since the epoch)."""
+    source: str
+    """Where it came from: the replica URL, without credentials."""
+    latest_server_order: int
+    """The restored state's end in server order: operations stored after the restore are newer."""
+    newest_timestamp: str | None
+    """The newest operation or baseline timestamp the restored state holds (None: empty). Its
+    wall-clock part bounds the restore point from below."""
+    replica_count: int
+    """Replicas the restored state knew (`ReplicaInfo` rows)."""
+    tool: str
+    """What restored it (versions), for the operator reading a shard months later."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncedRow:
+    """A replica that re-sent its history after the restore."""
+
+    replica_id: str
+    resynced_at_ms: int
+    recovered_operations: int
+    """Operations it held that the restored library lacked."""
+
+
 class Store(Protocol):
     """What one library's decisions need of its storage: the library's shard (`storage.shard`).
 
@@ -128,6 +155,9 @@ class Store(Protocol):
     ) -> tuple[int, int]:
         """Store operations in the order given; returns (latest server order, inserted count)."""
 
+    def absent_operations(self, operations: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The operations stored under no replica id (none with the same oid and timestamp)."""
+
     def operations_slice(self, after_server_order: int) -> HistorySlice:
         """`operations_after` for a sync response (see `HistorySlice`)."""
 
@@ -146,6 +176,9 @@ class Store(Protocol):
     def baseline(self, oid: str) -> StoredBaseline | None:
         ...
 
+    def baselines(self) -> list[StoredBaseline]:
+        ...
+
     def baseline_count(self) -> int:
         ...
 
@@ -159,8 +192,9 @@ class Store(Protocol):
     def put_baseline(self, oid: str, snapshot: Any, timestamp: str, authz: str | None) -> None:
         """Upsert; a deleted object (snapshot None) has no baseline row, as in the reference."""
 
-    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> None:
-        """Store baselines a replica sent with its full history."""
+    def insert_client_baselines(self, baselines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store baselines a replica sent with its full history, never an older one over a
+        newer one; returns those stored."""
 
     def replica(self, replica_id: str) -> ReplicaRow | None:
         ...
@@ -210,6 +244,27 @@ class Store(Protocol):
 
     def force_truant(self, replica_id: str) -> bool:
         ...
+
+    def wall_clock_ms(self) -> int:
+        """The clock of last-seen times and truancy (milliseconds since the epoch)."""
+
+    def restore_mark(self) -> RestoreMark | None:
+        """The restored mark (`recovery`), while the library's recovery is not over."""
+
+    def is_resynced(self, replica_id: str) -> bool:
+        """Whether the replica re-sent its history since the restore."""
+
+    def resynced(self) -> list[ResyncedRow]:
+        ...
+
+    def record_resynced(self, replica_id: str, recovered_operations: int) -> None:
+        """The replica re-sent its history (now); `recovered_operations` of it were new."""
+
+    def forget_resynced(self, keep: Iterable[str]) -> None:
+        """Every replica that resynced, except `keep`, is asked for its history again."""
+
+    def clear_restore_mark(self) -> None:
+        """The recovery is over: the library is like one never restored."""
 
     def file(self, file_id: str) -> FileRow | None:
         ...
