@@ -156,6 +156,12 @@ class PrometheusObserver:
             "verdant_upload_bytes", "Bytes of uploaded files stored", registry=r
         )
         self.uploads = Counter("verdant_uploads", "Uploaded files stored", registry=r)
+        self.refusals = Counter(
+            "verdant_cluster_refusals",
+            "Requests for a library this node does not own, refused with 503 (cluster mode)",
+            ["transport"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "verdant_http_request_duration_seconds",
             "HTTP requests handled by the Quart app, until the response starts",
@@ -201,6 +207,9 @@ class PrometheusObserver:
     def upload(self, size_bytes: int) -> None:
         self.uploads.inc()
         self.upload_bytes.inc(size_bytes)
+
+    def refused(self, transport: str) -> None:
+        self.refusals.labels(transport).inc()
 
     # -- HTTP -------------------------------------------------------------------------------
 
