@@ -267,6 +267,13 @@ def run_check_config(args: argparse.Namespace) -> int:
         f"  metrics     {'/metrics' if s.metrics else 'disabled'}",
         f"  logging     {s.logging.level}, {s.logging.format}",
     ]
+    if s.cluster is not None:
+        c = s.cluster
+        owned = len(c.placement.slots_of(c.node_id))
+        lines.append(
+            f"  cluster     node {c.node_id}: {owned} of {len(c.placement.owners)} slots "
+            f"(table {c.placement_file}, version {c.placement.version})"
+        )
     print("\n".join(lines))
     return 0
 
