@@ -11,6 +11,8 @@ import pytest
 
 from verdant_trio.engine.settings import CoreSettings, LibrarySettings
 from verdant_trio.service import cli
+from verdant_trio.service.cluster.placement import generate, render
+from verdant_trio.service.cluster.tablefile import write_placement
 from verdant_trio.service.config import (
     EXIT_CONFIG,
     KEYS,
@@ -171,6 +173,18 @@ BAD_CONFIGS = [
     ('[profiles]\ncallable = "get_profile"', '[profiles] callable: expected "package.module:function"'),
     ('[profiles]\nurl = "https://a/{user_id}"\ncallable = "json:loads"', "[profiles] callable: set either url or callable, not both"),
     ('[profiles]\nheaders = { X = 1 }', "[profiles] headers: expected a table of strings"),
+    ('[clustr]\nnode_id = "n1"', '[clustr]: unknown section (did you mean "cluster"?)'),
+    ('[cluster]\nnode_id = "a b"', "[cluster] node_id: invalid node name 'a b'"),
+    ('[cluster]\nnode_id = "n1"', "[cluster] placement_file: required with node_id"),
+    ('[cluster]\nplacement_file = "/x.map"', "[cluster] node_id: required with [cluster] placement_file"),
+    ('[cluster]\nnode_id = "n1"\nplacement_file = "/nonexistent/p.map"', "[cluster] placement_file: /nonexistent/p.map: cannot read the placement table: No such file or directory"),
+    ('[cluster]\npeers = { n2 = "10.0.0.2:3300" }', '[cluster] peers: expected an http(s) URL for peer n2, got "10.0.0.2:3300"'),
+    ('[cluster]\npeers = { "a.b" = "http://10.0.0.2:3300" }', "[cluster] peers: invalid node name 'a.b'"),
+    ('[cluster]\nnode_id = "n1"\npeers = { n1 = "http://x" }', "[cluster] peers: lists this node (n1) itself"),
+    ('[cluster]\nnode_id = "n1"\ninternal_port = 3300', "[cluster] secret: required with internal_port"),
+    ('[cluster]\nnode_id = "n1"\ninternal_port = 3242', "[cluster] internal_port: must differ from [server] port"),
+    ("[cluster]\nrefusal_delay_s = -1", "[cluster] refusal_delay_s: expected a number >= 0, got -1"),
+    ("[cluster]\nmove_timeout_s = 0", "[cluster] move_timeout_s: expected a number > 0, got 0"),
 ]  # fmt: skip
 SECRET_LINE = f'[auth]\ntoken_secret = "{SECRET}"\n'
 
@@ -199,6 +213,8 @@ SECRET_MISTAKES = [
     ('[auth]\ntoken_secret_file = "/nonexistent/secret"', "[auth] token_secret_file: cannot read /nonexistent/secret: No such file or directory"),
     (f'[auth]\ntoken_secret = "{SECRET}"\ntoken_secret_file = "/x"', "[auth] token_secret: set either token_secret or token_secret_file, not both"),
     (f'[auth]\ntoken_secret = "{SECRET}"\nadmin_token = "admin-2short"', "[auth] admin_token: too short"),
+    (f'[auth]\ntoken_secret = "{SECRET}"\n[cluster]\nsecret = "tiny-s3cret"', "[cluster] secret: too short (11 characters)"),
+    (f'[auth]\ntoken_secret = "{SECRET}"\n[cluster]\nsecret = 123456789', "[cluster] secret: expected a non-empty string, got an integer"),
 ]  # fmt: skip
 
 
@@ -258,3 +274,61 @@ def test_the_process_exits_non_zero_without_starting(tmp_path: Path) -> None:
     assert result.returncode == EXIT_CONFIG
     assert f"{path}: [limits] max_connections: expected an integer >= 1, got -1" in result.stderr
     assert not (tmp_path / "verdant-dbs").exists()
+
+
+def test_the_cluster_section_reaches_the_settings(tmp_path: Path) -> None:
+    placement = tmp_path / "placement.map"
+    write_placement(placement, generate(["n1", "n2", "n3"]))
+    (tmp_path / "cluster-secret").write_text("cluster-secret-from-a-file-0123\n")
+    path = write(tmp_path, SECRET_LINE + f"""
+[cluster]
+node_id = "n2"
+placement_file = "{placement}"
+secret_file = "{tmp_path}/cluster-secret"
+internal_host = "10.0.0.2"
+internal_port = 3300
+peers = {{ n1 = "http://10.0.0.1:3300/", n3 = "https://10.0.0.3:3300" }}
+refusal_delay_s = 0.25
+move_timeout_s = 30
+""")
+    s = load_config(path, environ=ENV).settings
+    assert s.cluster is not None
+    c = s.cluster
+    assert (c.node_id, c.placement_file, c.placement) == ("n2", placement, generate(["n1", "n2", "n3"]))
+    assert (c.internal_host, c.internal_port, c.move_timeout_s) == ("10.0.0.2", 3300, 30)
+    assert dict(c.peers) == {"n1": "http://10.0.0.1:3300", "n3": "https://10.0.0.3:3300"}
+    assert c.secret == "cluster-secret-from-a-file-0123"
+    assert c.refusal_delay_s == s.core.refusal_delay_s == 0.25
+    assert c.secret in s.secrets and c.secret not in repr(s) and c.secret not in repr(c)
+    environ = {"VERDANT_CLUSTER_SECRET": "cluster-secret-from-the-environment"}
+    from_env = load_config(path, environ=environ).settings.cluster
+    assert from_env is not None and from_env.secret == "cluster-secret-from-the-environment"
+    # without [cluster] node_id: a single server, whatever keys with defaults say
+    assert load_config(write(tmp_path, SECRET_LINE + "[cluster]\nrefusal_delay_s = 2\n"),
+                       environ=ENV).settings.cluster is None
+
+
+def test_a_broken_placement_table_is_named_with_its_file_and_line(tmp_path: Path) -> None:
+    table = tmp_path / "placement.map"
+    table.write_text(render(generate(["n1", "n2"])).replace("n2", "n 2"))
+    path = write(tmp_path, SECRET_LINE + f'[cluster]\nnode_id = "n1"\nplacement_file = "{table}"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=ENV)
+    line = next(i for i, text in enumerate(table.read_text().splitlines(), 1) if text.startswith("2048:"))
+    assert caught.value.problems == [
+        f"[cluster] placement_file: {table}:{line}: expected '<slot> <node>' or "
+        f"'<first>:<last> <node>', got '2048:4095 n 2'"
+    ]
+
+
+def test_the_placement_file_is_reloadable_and_the_node_id_is_not(tmp_path: Path) -> None:
+    placement = tmp_path / "placement.map"
+    write_placement(placement, generate(["n1", "n2"]))
+    cluster = f'[cluster]\nplacement_file = "{placement}"\n'
+    path = write(tmp_path, SECRET_LINE + cluster + 'node_id = "n1"\n')
+    before = load_config(path, environ=ENV)
+    path.write_text(SECRET_LINE + cluster.replace("placement.map", "p2.map") + 'node_id = "n2"\n')
+    write_placement(tmp_path / "p2.map", generate(["n1", "n2"]))
+    changed = load_config(path, environ=ENV).changed_keys(before)
+    assert changed == [("cluster", "node_id"), ("cluster", "placement_file")]
+    assert [KEYS[k].reloadable for k in changed] == [False, True]

@@ -13,11 +13,19 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Final
 
 import verdant_trio
 
 LAYERS = ("sync", "storage", "engine", "transport", "service")
 PACKAGE = Path(verdant_trio.__file__).parent
+PURE: Final = {
+    "service/cluster/placement.py": frozenset({
+        "__future__", "collections", "collections.abc", "dataclasses", "re", "string", "typing",
+        "zlib",
+    }),
+}  # fmt: skip
+"""Modules of pure logic, and every module they may import: none that does I/O."""
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -92,6 +100,27 @@ def test_every_module_sits_in_a_layer() -> None:
 
 def test_no_layer_imports_from_a_later_one() -> None:
     assert violations(PACKAGE) == []
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module a file imports, the package's own included (relative ones as written)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add("." * node.level + (node.module or ""))
+    return found
+
+
+def test_pure_modules_import_nothing_that_does_io() -> None:
+    """The placement table's logic (service.cluster) is shared by the CLI, the daemon and the
+    HAProxy configuration; it stays plain code over text, so it imports no I/O."""
+    for name, allowed_modules in PURE.items():
+        imported = all_imports(PACKAGE / name)
+        assert imported <= allowed_modules, (name, sorted(imported - allowed_modules))
+    # the check can fail: the table file's module, which does the I/O, would not pass
+    assert "os" in all_imports(PACKAGE / "service/cluster/tablefile.py")
 
 
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:

@@ -3,13 +3,19 @@
 `open_core` starts the nursery that owns every library task and yields a `VerdantCore`. The
 Quart app, the embedding blueprint and the CLI all drive the same core: websocket connections,
 HTTP sync batches, files (`core.files`) and the admin operations (`core.admin`).
+
+In a cluster the core is given `owns(library_id)` and serves only what it owns: a websocket for
+another node's library is refused with 503 (5030) before the upgrade, after a hold
+(`refusal_delay_s`, under the handshake limiter: `@verdant-web/store` 3.6.3 reconnects a
+refused socket at once, forever, so an immediate refusal would make it spin); HTTP requests get
+the same 503 at once (pull clients retry after their interval). `release` stops serving.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -31,14 +37,13 @@ from .admin import Admin
 from .budget import MemoryBudget
 from .connections import HttpPeer, ReplicaConnection, Transport
 from .files import Files
-from .library import LibraryHost
+from .library import LibraryGone, LibraryHost
 from .observe import NULL_OBSERVER, Observer
 from .profiles import CachedProfiles, DefaultProfiles, ProfileSource
-from .registry import Libraries
+from .registry import Libraries, NotServedHere, Ownership, owns_everything
 from .settings import CoreSettings
 
 log = logging.getLogger(__name__)
-
 
 
 class VerdantCore:
@@ -50,9 +55,12 @@ class VerdantCore:
         profiles: ProfileSource | None = None,
         observer: Observer = NULL_OBSERVER,
         file_storage: FileStorage | None = None,
+        owns: Ownership = owns_everything,
     ) -> None:
         self.settings = settings
         self.file_storage = file_storage
+        self.owns: Ownership = owns
+        """Whether this server serves a library now (always, outside a cluster)."""
         self._nursery: trio.Nursery | None = None
         self.verifier = TokenVerifier(token_secret)
         self._libraries: Libraries | None = None
@@ -86,7 +94,9 @@ class VerdantCore:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._libraries = Libraries(self.settings.libraries, nursery, self.observer)
+                self._libraries = Libraries(
+                    self.settings.libraries, nursery, self.observer, owns=self.owns
+                )
                 # The last user leaving a library queues its file clean-up for the one task
                 # below that does them in turn (a bounded queue: a full one drops the request,
                 # and the next departure asks again).
@@ -125,6 +135,36 @@ class VerdantCore:
         info = self.verifier.verify(token)
         check_id(info.library_id, "library id")
         return info
+
+    def require_owner(self, library_id: str) -> None:
+        """`NotServedHere` (503) unless this server serves the library: the check the edges
+        make before reading a body or writing a file, so a refusal costs nothing."""
+        if not self.owns(library_id):
+            raise NotServedHere(library_id)
+
+    @contextlib.asynccontextmanager
+    async def library_for_request(self, library_id: str) -> AsyncIterator[LibraryHost]:
+        """`libraries.use` for an HTTP request: a library stopped under the request (released
+        to another node, evicted, crashed) is a 503 the client retries, never a 500."""
+        try:
+            async with self.libraries.use(library_id) as host:
+                yield host
+        except LibraryGone:
+            raise VerdantError(
+                ErrorCode.UNAVAILABLE, "the library is restarting or moving; retry",
+                retry_after_s=1,
+            ) from None
+
+    async def release(self, predicate: Callable[[str], bool]) -> list[str]:
+        """Stop serving what `predicate` picks (`owns` must refuse it already); see
+        `Libraries.release`. Returns the ids of the libraries that were open."""
+        started = trio.current_time()
+        released = await self.libraries.release(predicate, "library moved to another node")
+        log.info(
+            "released libraries count=%d duration_ms=%.1f",
+            len(released), (trio.current_time() - started) * 1000,
+        )
+        return released
 
     # -- websocket --------------------------------------------------------------------------
 
@@ -170,8 +210,18 @@ class VerdantCore:
                 raise VerdantError(ErrorCode.UNAVAILABLE, "server busy; retry later") from None
         handshaking = True
         try:
-            profile = await self.profiles.get(info.user_id)
-            async with self.libraries.use(info.library_id) as host:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    self.require_owner(info.library_id)
+                    profile = await self.profiles.get(info.user_id)
+                    # `use` asks again: the fence may have gone up during the profile lookup
+                    host = await stack.enter_async_context(self.libraries.use(info.library_id))
+                except NotServedHere:
+                    # Held before the 503 and still under the handshake limiter, so a storm of
+                    # refused reconnects waits in line instead of spinning (see the module).
+                    self.observer.refused("websocket")
+                    await trio.sleep(self.settings.refusal_delay_s)
+                    raise
                 try:
                     await accept()
                 finally:
@@ -217,6 +267,7 @@ class VerdantCore:
         """Handle a push/pull request; every message is validated before any is handled."""
         if self.shutting_down:
             raise VerdantError(ErrorCode.UNAVAILABLE, "the server is shutting down")
+        self.require_owner(info.library_id)  # heartbeats too: they are the owner's to answer
         for message in messages:
             self.observer.message_in(wire_type(message))
         peer = HttpPeer(info, profile=await self.profiles.get(info.user_id))
@@ -227,7 +278,7 @@ class VerdantCore:
         has_sync = any(isinstance(m, Sync) for m in messages)
         self.observer.connection_opened("http", int(info.type))
         try:
-            async with self.libraries.use(info.library_id) as host:
+            async with self.library_for_request(info.library_id) as host:
                 if has_sync:
                     async with self.sync_limiter:
                         await host.request(peer, messages)
@@ -240,8 +291,12 @@ class VerdantCore:
     # -- libraries ----------------------------------------------------------------------------
 
     def exists(self, library_id: str) -> bool:
-        """Whether the library is open or has a database: admin operations never create one."""
+        """Whether the library is open or has a database: admin operations never create one.
+
+        A library of another node is `NotServedHere`, not missing: its database may well be
+        there, on its owner."""
         check_id(library_id, "library id")
+        self.require_owner(library_id)
         return (
             library_id in self.libraries.active
             or self.settings.libraries.shard_path(library_id).exists()
@@ -249,10 +304,10 @@ class VerdantCore:
 
     @contextlib.asynccontextmanager
     async def existing(self, library_id: str) -> AsyncIterator[LibraryHost]:
-        """`libraries.use` for a library that must already exist (404 otherwise)."""
+        """`library_for_request` for a library that must already exist (404 otherwise)."""
         if not self.exists(library_id):
             raise VerdantError(ErrorCode.NOT_FOUND, f"library {library_id!r} not found")
-        async with self.libraries.use(library_id) as host:
+        async with self.library_for_request(library_id) as host:
             yield host
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -298,11 +353,12 @@ async def open_core(
     profiles: ProfileSource | None = None,
     observer: Observer = NULL_OBSERVER,
     file_storage: FileStorage | None = None,
+    owns: Ownership = owns_everything,
 ) -> AsyncIterator[VerdantCore]:
     """Create and run a core for the duration of the block."""
     core = VerdantCore(
         settings, token_secret=token_secret, profiles=profiles, observer=observer,
-        file_storage=file_storage,
+        file_storage=file_storage, owns=owns,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(core.run)

@@ -55,13 +55,14 @@ class Files:
         if not info.type.can_write:
             raise VerdantError(ErrorCode.FORBIDDEN, "a read-only token may not upload files")
         check_id(file_id, "file id")
+        core.require_owner(info.library_id)  # before a byte is written to our file storage
         name = safe_file_name(upload.name)
         key = (info.library_id, file_id)
         lock = self._upload_locks.setdefault(key, trio.Lock())
         try:
             async with lock:
                 size = await storage.put(info.library_id, file_id, name, upload.chunks())
-                async with core.libraries.use(info.library_id) as host:
+                async with core.library_for_request(info.library_id) as host:
                     await host.call(lambda library: library.shard.put_file(file_id, name, upload.type))
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
@@ -74,10 +75,11 @@ class Files:
         return StoredFile(file_id, name, upload.type, size)
 
     async def served_type(self, library_id: str, file_id: str) -> str | None:
-        """The stored content type of a file that still has metadata (None: not ours)."""
+        """The stored content type of a file that still has metadata (None: not ours;
+        `NotServedHere` for another node's library)."""
         if not self._core.exists(library_id):
             return None
-        async with self._core.libraries.use(library_id) as host:
+        async with self._core.library_for_request(library_id) as host:
             row = await host.call(lambda library: library.shard.file(file_id))
         return None if row is None else row.type
 
@@ -125,6 +127,8 @@ class Files:
         """The core's task that deletes, one library after another, the files whose refs
         disappeared longer than `file_expiration_days` ago."""
         async for library_id in self._clean_ups_receive:
+            if not self._core.owns(library_id):
+                continue  # released since it emptied: its new owner cleans up
             try:
                 async with self._core.libraries.use(library_id) as host:
                     expired = await host.call(

@@ -102,6 +102,10 @@ class LibraryHost:
         restored (or whose recovery was over), else when its restored mark is cleared."""
         self.core: LibraryCore | None = None
         self._cancel = trio.CancelScope()
+        self._in_hand: list[Envelope] = []
+        """The batch taken from the inbox and not handled yet: a stop that lands between taking
+        and handling (at any checkpoint of `_gather`) must fail these too, or their callers
+        would wait forever."""
         self._small_history: bool | None = None
         """Whether the history is at most `INLINE_HISTORY_ROWS` (None: not known yet)."""
         self._last_ops_at = -math.inf
@@ -237,20 +241,29 @@ class LibraryHost:
         return len(realtime)
 
     def _fail_pending(self) -> None:
+        in_hand, self._in_hand = self._in_hand, []
+        for envelope in in_hand:
+            self._fail(envelope)
         while True:
             try:
                 envelope = self._receive.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            if isinstance(envelope, (Http, Call)):
+            self._fail(envelope)
+
+    def _fail(self, envelope: Envelope) -> None:
+        """An envelope the library will never handle: its caller hears `LibraryGone`."""
+        if isinstance(envelope, (Http, Call)):
+            if not envelope.done.is_set():
                 envelope.error = LibraryGone(self.id)
                 envelope.done.set()
-            elif isinstance(envelope, Message) and envelope.done is not None:
-                envelope.done.set()
+        elif isinstance(envelope, Message) and envelope.done is not None:
+            envelope.done.set()
 
     async def _loop(self) -> None:
         while True:
             batch: list[Envelope] = []
+            self._in_hand = batch
             try:  # what is already waiting needs no timer (a cancel scope per wake-up adds up)
                 batch.append(self._receive.receive_nowait())
                 await trio.lowlevel.checkpoint()

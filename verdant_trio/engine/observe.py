@@ -41,6 +41,9 @@ class Observer(Protocol):
 
     def upload(self, size_bytes: int) -> None: ...
 
+    def refused(self, transport: str) -> None:
+        """A request for a library this server does not own was refused ("websocket", "http")."""
+
 
 class NullObserver:
     def connection_opened(self, transport: str, replica_type: int) -> None:
@@ -77,6 +80,9 @@ class NullObserver:
         pass
 
     def upload(self, size_bytes: int) -> None:
+        pass
+
+    def refused(self, transport: str) -> None:
         pass
 
 

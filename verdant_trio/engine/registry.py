@@ -1,5 +1,10 @@
 """The registry of active libraries: one task per library, started when a connection or request
 first needs it and supervised so that one library's crash never takes the server down.
+
+Ownership (cluster mode): the registry is given `owns(library_id)`, and a library it does not
+own is refused (`NotServedHere`) before any task or shard exists for it, every time it is asked
+for. `release(predicate)` then stops serving what the caller no longer owns. The engine knows
+nothing of slots or tables; a single server owns everything.
 """
 
 from __future__ import annotations
@@ -10,11 +15,34 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
+from ..sync.codes import CloseCode
+from ..sync.errors import ErrorCode, VerdantError
 from .library import LibraryHost
 from .observe import NULL_OBSERVER, Observer
 from .settings import LibrarySettings
 
 log = logging.getLogger(__name__)
+
+Ownership = Callable[[str], bool]
+"""`owns(library_id)`: whether this server may serve the library now. Called on the event loop
+for every request for a library, so it must be cheap and never block."""
+
+
+def owns_everything(library_id: str) -> bool:
+    """A server that is not part of a cluster."""
+    return True
+
+
+class NotServedHere(VerdantError):
+    """The library belongs to another node (or is being released): refused with 503 (5030)
+    and `Retry-After`, which every Verdant client retries; nothing was opened or created."""
+
+    def __init__(self, library_id: str) -> None:
+        super().__init__(
+            ErrorCode.UNAVAILABLE, "this library is not served by this node; retry",
+            retry_after_s=1,
+        )
+        self.library_id = library_id
 
 
 class Libraries:
@@ -25,10 +53,13 @@ class Libraries:
         settings: LibrarySettings,
         nursery: trio.Nursery,
         observer: Observer = NULL_OBSERVER,
+        *,
+        owns: Ownership = owns_everything,
     ) -> None:
         self.settings = settings
         self._nursery = nursery
         self._observer = observer
+        self.owns = owns
         self._hosts: dict[str, LibraryHost] = {}
         self._closing: dict[str, LibraryHost] = {}
         self._starting: dict[str, trio.Event] = {}
@@ -60,6 +91,11 @@ class Libraries:
 
     async def _acquire(self, library_id: str) -> LibraryHost:
         while True:
+            # Asked again after every wait: the fence may have gone up meanwhile. This is the
+            # only place a host (and so a shard) is created, so a library this server does not
+            # own is never opened, nor its database file created.
+            if not self.owns(library_id):
+                raise NotServedHere(library_id)
             host = self._hosts.get(library_id)
             if host is not None and host.accepting:
                 host.refs += 1
@@ -98,3 +134,36 @@ class Libraries:
     def stop_all(self) -> None:
         for host in list(self._hosts.values()):
             host.stop()
+
+    async def release(
+        self, predicate: Callable[[str], bool], reason: str = "library moved; reconnect"
+    ) -> list[str]:
+        """Stop serving the libraries `predicate` picks, and return once their shards are closed.
+
+        The caller raises the fence first (`owns` refuses them), so nothing reopens them. Each
+        open one closes its sockets with 1012 (clients reconnect at once and are routed to the
+        new owner), finishes the batch in hand, checkpoints its WAL and closes its database:
+        afterwards its files are whole and no longer written to, ready to be copied. Libraries
+        being opened or closed meanwhile are waited for too. Returns the ids that were open.
+        """
+        released: list[str] = []
+        while True:
+            starting = [event for lib, event in self._starting.items() if predicate(lib)]
+            hosts = [
+                host for host in (*self._hosts.values(), *self._closing.values())
+                if predicate(host.id) and not host.closed.is_set()
+            ]
+            if not starting and not hosts:
+                return released
+            still_owned = sorted(host.id for host in hosts if self.owns(host.id))
+            if still_owned:
+                raise ValueError(f"release of {len(still_owned)} libraries still owned: fence first")
+            for host in hosts:
+                closed = host.disconnect_all(CloseCode.SERVICE_RESTART, reason)
+                host.stop()
+                log.info("releasing library library=%s clients_closed=%d", host.id, closed)
+            for event in starting:  # opened before the fence went up: then stopped above
+                await event.wait()
+            for host in hosts:
+                await host.closed.wait()
+                released.append(host.id)

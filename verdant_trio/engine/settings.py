@@ -75,3 +75,6 @@ class CoreSettings:
     """Memory large inbound websocket messages may hold at once (see `budget`)."""
     message_memory_wait_s: float = 30.0
     """How long a large message waits for its share before its connection is closed (1013)."""
+    refusal_delay_s: float = 1.0
+    """How long a websocket upgrade for a library this server does not own is held before its
+    503 (cluster mode): clients reconnect a refused socket at once."""

@@ -9,6 +9,8 @@
     verdant-trio litestream-config --replica URL       Litestream configuration for the shards
     verdant-trio restore --from URL [--library ID]     libraries back from a Litestream replica
     verdant-trio quickstart [--port N]                 the development server (= verdant-server)
+    verdant-trio cluster placement|haproxy-config|locate ...   a cluster's table and front
+    verdant-trio cluster-dev --nodes N [--port N]      a development cluster behind HAProxy
 
 Exit status: 0 done, 1 failed, 2 bad usage, 78 bad configuration (EX_CONFIG).
 """
@@ -16,11 +18,13 @@ Exit status: 0 done, 1 failed, 2 bad usage, 78 bad configuration (EX_CONFIG).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,15 +38,21 @@ from ..sync.protocol import ReplicaType
 from ..sync.tokens import TokenProvider, parse_duration_s
 from . import logs
 from .backup import ProgressBar, backup_all, list_shards
+from .cluster import placement as tables
+from .cluster.haproxy import HaproxySettings, parse_node
+from .cluster.haproxy import render_config as render_haproxy_config
+from .cluster.tablefile import read_placement, write_placement
 from .config import (
     EXIT_CONFIG,
     ConfigError,
     LoadedConfig,
+    ServerSettings,
     load_config,
     quickstart_settings,
     render_example,
 )
-from .replication.litestream import Replica, ReplicaError, find_binary, render_config
+from .replication.litestream import Replica, ReplicaError, find_binary
+from .replication.litestream import render_config as render_litestream_config
 from .replication.lock import DirectoryBusy
 from .replication.restore import RestoreRefused, restore_all
 from .version import package_version
@@ -241,11 +251,20 @@ def run_serve(args: argparse.Namespace) -> int:
         package_version(), settings.config_path, settings.core.libraries.databases_dir,
         os.getpid(),
     )
+    if args.quickstart:
+        settings = quickstart_extras(settings)
+        reload = partial(_with_quickstart_extras, reload)
+        log.warning(
+            "quickstart extras on: anyone gets a token for any library from /auth/<libraryId> "
+            "and the admin API is open; never in production"
+        )
     from .daemon import (
         run_daemon,  # the server itself: `check-config` and the tools never load it
     )
 
     failed = False
+    if args.quickstart:
+        loaded = dataclasses.replace(loaded, settings=settings)
     try:
         trio.run(partial(run_daemon, settings, reload=reload, loaded=loaded))
     except* OSError as group:  # cannot bind, storage directory not creatable, ...
@@ -253,6 +272,19 @@ def run_serve(args: argparse.Namespace) -> int:
             log.error("cannot serve error=%s", error)
         failed = True
     return 1 if failed else 0
+
+
+def quickstart_extras(settings: ServerSettings) -> ServerSettings:
+    """`serve --quickstart`: the development server's open admin API and dev token route."""
+    app = dataclasses.replace(
+        settings.app, admin_open=True, dev_token_secret=settings.token_secret
+    )
+    return dataclasses.replace(settings, app=app)
+
+
+def _with_quickstart_extras(reload: Callable[[], LoadedConfig]) -> LoadedConfig:
+    loaded = reload()
+    return dataclasses.replace(loaded, settings=quickstart_extras(loaded.settings))
 
 
 def run_check_config(args: argparse.Namespace) -> int:
@@ -273,6 +305,13 @@ def run_check_config(args: argparse.Namespace) -> int:
         f"  metrics     {'/metrics' if s.metrics else 'disabled'}",
         f"  logging     {s.logging.level}, {s.logging.format}",
     ]
+    if s.cluster is not None:
+        c = s.cluster
+        owned = len(c.placement.slots_of(c.node_id))
+        lines.append(
+            f"  cluster     node {c.node_id}: {owned} of {len(c.placement.owners)} slots "
+            f"(table {c.placement_file}, version {c.placement.version})"
+        )
     print("\n".join(lines))
     return 0
 
@@ -417,7 +456,7 @@ def databases_dir_of(args: argparse.Namespace) -> Path:
 def run_litestream_config(args: argparse.Namespace) -> int:
     try:
         replica = Replica.parse(args.replica)
-        text = render_config(
+        text = render_litestream_config(
             databases_dir_of(args).absolute(), replica,
             sync_interval=args.sync_interval,
             meta_dir=args.meta_dir.absolute() if args.meta_dir else None,
@@ -470,6 +509,152 @@ def litestream_version(binary: Path) -> str:
     return f"litestream {result.stdout.strip() or 'unknown'}"
 
 
+# -- cluster ------------------------------------------------------------------------------------
+
+
+def node_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    try:
+        for name in names:
+            tables.check_node_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def run_cluster_placement(args: argparse.Namespace) -> int:
+    """The first table for a node list, or (--from) a new version of a table for a new list."""
+    try:
+        if args.source is None:
+            if args.out.exists():
+                raise CommandError(
+                    f"{args.out} exists: a table in use changes by a new version (--from it), "
+                    "so every node can tell the newer one"
+                )
+            table = tables.generate(args.nodes)
+            moves: list[tables.SlotMove] = []
+        else:
+            current = read_placement(args.source)
+            table = tables.rebalance(current, args.nodes)
+            moves = tables.moves_between(current, table)
+        write_placement(args.out, table)
+    except (ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    counts = ", ".join(f"{node} {count}" for node, count in table.counts().items())
+    print(f"wrote {args.out}: version {table.version}, {counts} slots")
+    for move in moves:
+        print(f"  move {move}")
+    if moves:
+        moved = sum(move.count for move in moves)
+        print(
+            f"{moved} slots change node. Their shards and files must be on their new node "
+            "before it reads this table (see `verdant-trio cluster locate`)."
+        )
+    return 0
+
+
+def run_cluster_haproxy_config(args: argparse.Namespace) -> int:
+    try:
+        table = read_placement(args.placement)
+        nodes = [parse_node(spec) for spec in args.nodes.split(",") if spec.strip()]
+        host, _, port = args.bind.rpartition(":")
+        settings = HaproxySettings(
+            placement_path=args.placement.absolute(),
+            bind_host=host.strip("[]") if host else "127.0.0.1",
+            bind_port=int(port),
+            sync_path=args.sync_path,
+            admin_path=args.admin_path,
+            stats_port=args.stats_port or None,
+            runtime_socket=args.socket,
+            refusal_delay_s=args.refusal_delay_s,
+        )
+        config = render_haproxy_config(table, nodes, settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    if args.out is None:
+        sys.stdout.write(config)
+    else:
+        args.out.write_text(config)
+        print(f"wrote {args.out}: check it with `haproxy -c -f {args.out}`")
+    return 0
+
+
+SHARD_SUFFIXES = (".sqlite-wal", ".sqlite-shm", ".sqlite")
+
+
+def run_cluster_locate(args: argparse.Namespace) -> int:
+    """Which node owns each shard (or files directory) under the given paths."""
+    from ..storage.names import decode_name
+
+    try:
+        table = read_placement(args.placement)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    entries: list[Path] = []
+    for path in args.paths:
+        if path.is_dir() and not args.entries_only:
+            entries.extend(sorted(path.iterdir()))
+        elif path.exists():
+            entries.append(path)
+        else:
+            raise CommandError(f"{path}: no such file or directory")
+    for entry in entries:
+        name = entry.name
+        for suffix in SHARD_SUFFIXES:
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        try:
+            library = decode_name(name)
+        except ValueError:
+            print(f"{entry}: not a library's shard or files directory; skipped", file=sys.stderr)
+            continue
+        if name.startswith(".") or not library:
+            continue
+        slot = tables.slot_of(library)
+        owner = table.owner(slot)
+        if args.node is None:
+            print(f"{entry}\t{slot}\t{owner}")
+        elif owner == args.node:
+            print(entry)
+    return 0
+
+
+def run_cluster_dev(args: argparse.Namespace) -> int:
+    from .cluster.dev import DevClusterError, banner, plan_dev_cluster, run_dev_cluster
+
+    setup_logging(args.log_level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per readiness probe
+    if len(args.secret) < 16:
+        raise CommandError("--secret must have at least 16 characters")
+    try:
+        cluster = plan_dev_cluster(
+            args.data_dir, args.nodes, port=args.port, secret=args.secret,
+            stats_port=args.stats_port,
+        )
+    except (DevClusterError, ValueError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_dev_cluster, cluster)
+                print(banner(cluster), flush=True)
+                async for signum in signals:
+                    log.info("received %s: stopping the cluster", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    failed = False
+    try:
+        trio.run(main)
+    except* DevClusterError as group:
+        for error in group.exceptions:
+            print(f"error: {error}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
+
+
 # -- the parser ----------------------------------------------------------------------------------
 
 
@@ -487,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override [server] port")
     serve.add_argument("--log-level", help="override [logging] level")
     serve.add_argument("--log-format", help="override [logging] format")
+    serve.add_argument(
+        "--quickstart", action="store_true",
+        help="add the development server's open admin API and /auth/{libraryId} token route "
+        "(what cluster-dev runs; never in production)",
+    )
     serve.set_defaults(run=run_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration file")
@@ -579,6 +769,59 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--litestream", type=Path,
                          help="the litestream binary (default: the one the extra installed)")
     restore.set_defaults(run=run_restore)
+    cluster = commands.add_parser("cluster", help="a cluster's placement table and its front")
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    placement = cluster_commands.add_parser(
+        "placement", help="write a placement table for a list of nodes",
+        description="Without --from: the first table, the slots split evenly in order. With "
+        "--from: a new version for a new node list that moves as few slots as possible (for a "
+        "node that is gone; running nodes move slots with `cluster move`).",
+    )
+    placement.add_argument("--nodes", type=node_list, required=True, help="n1,n2,n3")
+    placement.add_argument("--from", dest="source", type=Path, help="the table in use")
+    placement.add_argument("--out", "-o", type=Path, required=True)
+    placement.set_defaults(run=run_cluster_placement)
+    front = cluster_commands.add_parser(
+        "haproxy-config", help="the HAProxy 2.6 configuration that routes by the table"
+    )
+    front.add_argument("--nodes", required=True, help="n1=10.0.0.1:3242,n2=10.0.0.2:3242 (every node)")
+    front.add_argument("--placement", type=Path, required=True, help="the table file HAProxy reads")
+    front.add_argument("--bind", default="127.0.0.1:3242", help="host:port the front listens on")
+    front.add_argument("--sync-path", default="/verdant")
+    front.add_argument("--admin-path", default="/admin")
+    front.add_argument("--stats-port", type=int, default=8404, help="the stats page (0: none)")
+    front.add_argument("--socket", type=Path, default=Path("/run/haproxy/admin.sock"),
+                       help="the runtime API socket (Debian's default)")
+    front.add_argument("--refusal-delay-s", type=float, default=1.0,
+                       help="how long a request for a down node's library waits for its 503")
+    front.add_argument("--out", "-o", type=Path, help="default: stdout")
+    front.set_defaults(run=run_cluster_haproxy_config)
+    locate = cluster_commands.add_parser(
+        "locate", help="the node that owns each shard or files directory",
+        description="For each library shard (or files directory) under PATH: its path, slot "
+        "and owner; with --node, only the paths that node owns (to copy a backup's shards to "
+        "the nodes that now own them).",
+    )
+    locate.add_argument("--placement", type=Path, required=True)
+    locate.add_argument("--node", help="print only the paths this node owns")
+    locate.add_argument("--entries-only", action="store_true",
+                        help="take directories as entries, not as lists of them")
+    locate.add_argument("paths", type=Path, nargs="+", help="shards, or directories of them")
+    locate.set_defaults(run=run_cluster_locate)
+
+    dev = commands.add_parser(
+        "cluster-dev", help="a development cluster: N nodes and HAProxy on loopback",
+        description="N quickstart nodes behind HAProxy, serving through the front what "
+        "verdant-server serves. Needs Debian's haproxy. Ctrl-C stops everything.",
+    )
+    dev.add_argument("--nodes", type=int, default=3)
+    dev.add_argument("--port", "-p", type=int, default=int(os.environ.get("VERDANT_PORT", 3242)))
+    dev.add_argument("--secret", default=os.environ.get("VERDANT_SECRET", DEFAULT_SECRET))
+    dev.add_argument("--data-dir", type=Path, default=Path("verdant-cluster"),
+                     help="default: ./verdant-cluster (kept across runs)")
+    dev.add_argument("--stats-port", type=int, default=None, help="default: a free port")
+    dev.add_argument("--log-level", default="INFO")
+    dev.set_defaults(run=run_cluster_dev)
     return parser
 
 

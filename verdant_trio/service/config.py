@@ -37,6 +37,8 @@ from ..engine.settings import (
     LibrarySettings,
 )
 from ..transport.settings import AppSettings, LingerSettings
+from .cluster.placement import Placement, PlacementError, check_node_name
+from .cluster.tablefile import read_placement
 from .logs import LOG_FORMATS, LOG_LEVELS, LogSettings
 from .profiles import load_callable
 
@@ -48,6 +50,7 @@ EXIT_CONFIG: Final = 78
 """`EX_CONFIG` from sysexits.h; the unit's `RestartPreventExitStatus=` stops a restart loop."""
 ENV_TOKEN_SECRET: Final = "VERDANT_TOKEN_SECRET"
 ENV_ADMIN_TOKEN: Final = "VERDANT_ADMIN_TOKEN"
+ENV_CLUSTER_SECRET: Final = "VERDANT_CLUSTER_SECRET"
 MIN_SECRET_CHARS: Final = 16
 
 
@@ -61,6 +64,31 @@ class ProfilesSettings:
     timeout_s: float = 2.0
     cache_ttl_s: float = 300.0
     cache_max_entries: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSettings:
+    """This node's part in a cluster (`[cluster]`): which node it is, and the table it reads."""
+
+    node_id: str
+    placement_file: Path
+    placement: Placement
+    """The table as read (at start, and again on SIGHUP)."""
+    secret: str | None = None
+    """Authenticates node-to-node requests; never logged."""
+    internal_host: str = "127.0.0.1"
+    internal_port: int | None = None
+    """The node-to-node listener (never behind HAProxy); None: none."""
+    peers: Mapping[str, str] = field(default_factory=dict)
+    """Other nodes' internal base URLs, by node name."""
+    refusal_delay_s: float = 1.0
+    move_timeout_s: float = 60.0
+
+    def __repr__(self) -> str:  # no secret in tracebacks
+        return (
+            f"ClusterSettings(node_id={self.node_id!r}, "
+            f"placement_file={str(self.placement_file)!r}, version={self.placement.version})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +114,8 @@ class ServerSettings:
     metrics: bool = True
     logging: LogSettings = field(default_factory=LogSettings)
     profile_settings: ProfilesSettings = field(default_factory=ProfilesSettings)
+    cluster: ClusterSettings | None = None
+    """Set: this server is one node of a cluster and serves only its slots' libraries."""
     config_path: Path | None = None
 
     def __repr__(self) -> str:  # keeps the secrets out of tracebacks and debug logs
@@ -99,6 +129,7 @@ class ServerSettings:
     def secrets(self) -> tuple[str, ...]:
         """Values the log formatter must never print."""
         values = [self.token_secret, self.app.admin_token or ""]
+        values.append((self.cluster.secret or "") if self.cluster else "")
         values += [v for k, v in self.profile_settings.headers.items() if k.lower() != "accept"]
         return tuple(v for v in values if len(v) >= 6)
 
@@ -297,6 +328,30 @@ def path_value(environ: Mapping[str, str]) -> Validator:
     return check
 
 
+def node_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"expected a node name, got {_show(value)}")
+    try:
+        return check_node_name(value)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+
+
+def peer_urls(value: Any) -> dict[str, str]:
+    table = string_table(value)
+    check_url = http_url()
+    for name, url in table.items():
+        try:
+            check_node_name(name)
+        except ValueError as exc:
+            raise Invalid(f"{exc}, in peers") from None
+        try:
+            check_url(url)
+        except Invalid:
+            raise Invalid(f"expected an http(s) URL for peer {name}, got {_show(url)}") from None
+    return {name: url.rstrip("/") for name, url in table.items()}
+
+
 def module_function(value: Any) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[\w.]+:[\w.]+", value):
         raise Invalid(f'expected "package.module:function", got {_show(value)}')
@@ -343,6 +398,13 @@ SECTIONS: Final = {
         '{"id": userId} (cached for at most 30 s). Reloaded on SIGHUP.'
     ),
     "logging": "Logs go to stderr, one line per event (journald-friendly). Reloaded on SIGHUP.",
+    "cluster": (
+        "One node of a cluster behind HAProxy (README: Running a cluster). Set node_id and\n"
+        "placement_file to turn it on: the node then serves only the libraries whose slot the\n"
+        "table gives it, and refuses the others with 503 (clients retry). SIGHUP re-reads the\n"
+        "table: slots lost are released (their sockets closed, their databases closed),\n"
+        "slots gained are served."
+    ),
 }
 
 _LIB = LibrarySettings
@@ -475,6 +537,32 @@ SCHEMA: Final[tuple[Key, ...]] = (
     Key("logging", "access_log", boolean, False,
         "One line per HTTP request (method, path without query, status, duration).",
         reloadable=True),
+    Key("cluster", "node_id", node_name, None,
+        "This node's name in the placement table (1-63 letters, digits, '-' or '_').",
+        example="n1"),
+    Key("cluster", "placement_file", None, None,
+        "The placement table (`verdant-trio cluster placement` writes the first one). Every\n"
+        "node and HAProxy read the same table. Re-read on SIGHUP; an older version than the\n"
+        "one running is refused.",
+        example="/etc/verdant-trio/placement.map", reloadable=True),
+    Key("cluster", "secret", text, None,
+        "Shared by the nodes of a cluster: authenticates node-to-node requests (the internal\n"
+        f"listener). Required with internal_port; or secret_file, or ${ENV_CLUSTER_SECRET}.",
+        example="use-secret_file-instead", secret=True),
+    Key("cluster", "secret_file", None, None, "File holding the cluster secret.",
+        example="${CREDENTIALS_DIRECTORY}/cluster-secret"),
+    Key("cluster", "internal_host", text, "127.0.0.1",
+        "Address of the node-to-node listener (moving slots); never put it behind HAProxy."),
+    Key("cluster", "internal_port", integer(1, 65535), None,
+        "Port of the node-to-node listener. Unset: none (slots cannot move to or from here).",
+        example=3300),
+    Key("cluster", "peers", peer_urls, {},
+        "The other nodes' node-to-node listeners, by node name.", reloadable=True),
+    Key("cluster", "refusal_delay_s", number(at_least=0), _default(_CORE, "refusal_delay_s"),
+        "A websocket for a library of another node is held this long before its 503:\n"
+        "@verdant-web/store reconnects a refused socket at once, forever."),
+    Key("cluster", "move_timeout_s", number(above=0), 60.0,
+        "How long moving a slot (release, copy, switch) may take before it is undone."),
 )  # fmt: skip
 
 KEYS: Final = {(k.section, k.name): k for k in SCHEMA}
@@ -569,41 +657,42 @@ def resolve_secrets(
 
     A secret that cannot be resolved is left out of `values` (its problem is reported).
     """
-    for key, env_name, required in (
-        ("token_secret", ENV_TOKEN_SECRET, True),
-        ("admin_token", ENV_ADMIN_TOKEN, False),
+    for section, key, env_name, required in (
+        ("auth", "token_secret", ENV_TOKEN_SECRET, True),
+        ("auth", "admin_token", ENV_ADMIN_TOKEN, False),
+        ("cluster", "secret", ENV_CLUSTER_SECRET, False),
     ):
-        inline = values.get(("auth", key))
-        file = values.get(("auth", f"{key}_file"))
+        inline = values.get((section, key))
+        file = values.get((section, f"{key}_file"))
         secret: str | None = environ.get(env_name) or None
         if secret is None:
             if inline is not None and file is not None:
-                values.pop(("auth", key), None)
-                problems.append(f"[auth] {key}: set either {key} or {key}_file, not both")
+                values.pop((section, key), None)
+                problems.append(f"[{section}] {key}: set either {key} or {key}_file, not both")
                 continue
             if file is not None:
                 try:
                     secret = _read_secret(file)
                 except Invalid as exc:
-                    values.pop(("auth", key), None)
-                    problems.append(f"[auth] {key}_file: {exc}")
+                    values.pop((section, key), None)
+                    problems.append(f"[{section}] {key}_file: {exc}")
                     continue
             else:
                 secret = inline
         if secret is None:
             if required:
                 problems.append(
-                    f"[auth] {key}: required; set {key}, {key}_file or ${env_name}"
+                    f"[{section}] {key}: required; set {key}, {key}_file or ${env_name}"
                 )
             continue
         if len(secret) < MIN_SECRET_CHARS:
-            values.pop(("auth", key), None)
+            values.pop((section, key), None)
             problems.append(
-                f"[auth] {key}: too short ({len(secret)} characters); use at least "
+                f"[{section}] {key}: too short ({len(secret)} characters); use at least "
                 f"{MIN_SECRET_CHARS}, ideally 32 random bytes"
             )
             continue
-        values[("auth", key)] = secret
+        values[(section, key)] = secret
 
 
 def cross_check(values: Mapping[tuple[str, str], Any], problems: list[str]) -> None:
@@ -624,13 +713,74 @@ def cross_check(values: Mapping[tuple[str, str], Any], problems: list[str]) -> N
         if values.get(("server", key)) in reserved:
             taken = values[("server", key)]
             problems.append(f"[server] {key}: {taken!r} is taken by another route")
+    _cross_check_cluster(values, problems)
+
+
+_CLUSTER_ONLY: Final = ("placement_file", "secret", "secret_file", "internal_port")
+"""[cluster] keys without a default: setting one means a cluster was meant (node_id needed)."""
+
+
+def _cross_check_cluster(values: Mapping[tuple[str, str], Any], problems: list[str]) -> None:
+    node_id = values.get(("cluster", "node_id"))
+    if node_id is None:
+        for key in _CLUSTER_ONLY:
+            if values.get(("cluster", key)) is not None:
+                problems.append(f"[cluster] node_id: required with [cluster] {key}")
+                return
+        return
+    if values.get(("cluster", "placement_file")) is None:
+        problems.append("[cluster] placement_file: required with node_id")
+    peers = values.get(("cluster", "peers")) or {}
+    if node_id in peers:
+        problems.append(f"[cluster] peers: lists this node ({node_id}) itself")
+    port = values.get(("cluster", "internal_port"))
+    if port is not None:
+        if values.get(("cluster", "secret")) is None and not any(
+            p.startswith("[cluster] secret") for p in problems
+        ):
+            problems.append(
+                "[cluster] secret: required with internal_port (node-to-node requests are "
+                f"authenticated with it); set secret, secret_file or ${ENV_CLUSTER_SECRET}"
+            )
+        if port == values.get(("server", "port")):
+            problems.append("[cluster] internal_port: must differ from [server] port")
+
+
+def read_cluster_placement(
+    values: Mapping[tuple[str, str], Any], problems: list[str]
+) -> Placement | None:
+    """The placement table a cluster node starts (or reloads) with; its problems named."""
+    path = values.get(("cluster", "placement_file"))
+    if values.get(("cluster", "node_id")) is None or path is None:
+        return None
+    try:
+        return read_placement(path)
+    except PlacementError as exc:
+        problems.append(f"[cluster] placement_file: {exc}")
+        return None
 
 
 def build_settings(
-    values: Mapping[tuple[str, str], Any], config_path: Path | None
+    values: Mapping[tuple[str, str], Any],
+    config_path: Path | None,
+    placement: Placement | None = None,
 ) -> ServerSettings:
     def v(section: str, name: str) -> Any:
         return values[(section, name)]
+
+    cluster = None
+    if placement is not None:
+        cluster = ClusterSettings(
+            node_id=v("cluster", "node_id"),
+            placement_file=v("cluster", "placement_file"),
+            placement=placement,
+            secret=values.get(("cluster", "secret")),
+            internal_host=v("cluster", "internal_host"),
+            internal_port=v("cluster", "internal_port"),
+            peers=v("cluster", "peers"),
+            refusal_delay_s=v("cluster", "refusal_delay_s"),
+            move_timeout_s=v("cluster", "move_timeout_s"),
+        )
 
     origins_value: tuple[str, ...] = v("server", "cors_origins")
     public_url: str | None = v("server", "public_url")
@@ -657,6 +807,7 @@ def build_settings(
         max_upload_bytes=v("files", "max_upload_bytes"),
         message_memory_bytes=v("limits", "message_memory_bytes"),
         message_memory_wait_s=v("limits", "message_memory_wait_s"),
+        refusal_delay_s=v("cluster", "refusal_delay_s"),
     )
     app = AppSettings(
         sync_path=v("server", "sync_path"),
@@ -697,6 +848,7 @@ def build_settings(
             cache_ttl_s=v("profiles", "cache_ttl_s"),
             cache_max_entries=v("profiles", "cache_max_entries"),
         ),
+        cluster=cluster,
         config_path=config_path,
     )
 
@@ -735,9 +887,10 @@ def load_config(
     if require_secrets:
         problems += secret_problems
     cross_check(values, problems)
+    placement = read_cluster_placement(values, problems)
     if problems:
         raise ConfigError(source, problems)
-    return LoadedConfig(build_settings(values, config_path), values)
+    return LoadedConfig(build_settings(values, config_path, placement), values)
 
 
 # -- the documented example -------------------------------------------------------------------
@@ -762,8 +915,9 @@ EXAMPLE_HEADER: Final = """\
 #
 # Every key is listed with its default; keys without a default are commented out. Unknown keys
 # are errors. Check a file without starting the server: `verdant-trio check-config FILE`.
-# SIGHUP (`systemctl reload verdant-trio`) re-reads [logging] and [profiles]; other changes
-# need a restart. This file is generated: `verdant-trio example-config > config.example.toml`.
+# SIGHUP (`systemctl reload verdant-trio`) re-reads [logging], [profiles] and the cluster's
+# placement table; other changes need a restart.
+# This file is generated: `verdant-trio example-config > config.example.toml`.
 """
 
 

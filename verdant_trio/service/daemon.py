@@ -12,7 +12,9 @@ signal, or `shutdown_timeout_s` + `SHUTDOWN_EXTRA_S` without an end, cancels the
 the shards still close cleanly, because that part is shielded.
 
 SIGHUP re-reads the config file and applies what is safe to change under load ([logging] and
-[profiles]); connections are untouched. A broken file is logged and the old settings stay.
+[profiles]); connections are untouched. A broken file is logged and the old settings stay. A
+cluster node also re-reads its placement table: slots lost are fenced at once and released
+(`cluster.node`), slots gained are served; the other libraries' connections are untouched.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ from hypercorn.config import Config as HypercornConfig
 from ..engine.core import VerdantCore, open_core
 from ..engine.observe import NULL_OBSERVER
 from ..engine.profiles import CachedProfiles, DefaultProfiles, ProfileSource
+from ..engine.registry import owns_everything
 from ..storage.files import LocalFileStorage
 from ..transport.app import create_asgi_app
 from ..transport.listeners import Listeners
 from . import logs
+from .cluster.node import ClusterNode, PlacementRefused
+from .cluster.placement import slot_of
 from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerSettings
 from .health import Health, register_health
 from .metrics import PrometheusObserver, RequestHooks
@@ -126,6 +131,13 @@ class Server:
         self.core: VerdantCore | None = None
         self.health: Health | None = None
         self._nursery: trio.Nursery | None = None
+        cluster = settings.cluster
+        self.cluster = (
+            ClusterNode(cluster.node_id, cluster.placement, cluster.peers) if cluster else None
+        )
+        """This node's slots, in a cluster (None: a single server, which owns everything)."""
+        if self.cluster is not None and self.observer is not None:
+            self.observer.track_cluster(self.cluster)
 
     async def serve(
         self,
@@ -138,7 +150,10 @@ class Server:
         file_storage = None
         storage_dirs = [settings.core.libraries.databases_dir]
         if settings.files_dir is not None:
-            file_storage = LocalFileStorage(settings.files_dir, settings.files_public_url)
+            file_storage = LocalFileStorage(
+                settings.files_dir, settings.files_public_url,
+                slot_of=slot_of if self.cluster is not None else None,
+            )
             storage_dirs.append(file_storage.root)
         for directory in storage_dirs:
             await trio.to_thread.run_sync(partial(directory.mkdir, parents=True, exist_ok=True))
@@ -156,7 +171,8 @@ class Server:
                 profiles=self.profiles,
                 observer=self.observer or NULL_OBSERVER,
                 file_storage=file_storage,
-            ) as core:
+                owns=self.cluster.owns if self.cluster is not None else owns_everything,
+            ) as core, trio.open_nursery() as cluster_nursery:
                 self.core = core
                 if self.observer is not None:
                     self.observer.track_memory_budget(core.message_budget)
@@ -170,6 +186,9 @@ class Server:
                     await shutdown.wait()
                     log.info("shutting down: closing connections")
                     core.begin_shutdown()
+
+                if self.cluster is not None:  # lives as long as the listeners (below)
+                    await cluster_nursery.start(self.cluster.run, core)
 
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -189,6 +208,7 @@ class Server:
                     log.info("listening on %s", " ".join(binds))
                     task_status.started(binds)
                 self.health.listening = False
+                cluster_nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             directory_lock.release()
@@ -215,8 +235,24 @@ class Server:
                 self._nursery.start_soon(
                     _close_source, previous, old.settings.profile_settings.timeout_s
                 )
+        self._reload_cluster(new)
         # everything else keeps running with the settings it started with
         return [key for key in changed if key not in _RELOADABLE]
+
+    def _reload_cluster(self, new: LoadedConfig) -> None:
+        """Apply the re-read placement table (every SIGHUP: the table is its own file)."""
+        cluster = new.settings.cluster
+        if self.cluster is None or cluster is None or cluster.node_id != self.cluster.node_id:
+            return  # [cluster] added, removed or renamed: reported as needing a restart
+        self.cluster.peers = dict(cluster.peers)
+        try:
+            self.cluster.update(cluster.placement)
+        except PlacementRefused as exc:
+            log.error(
+                "placement table not applied; keeping the running one file=%s version=%d "
+                "problem=%s",
+                cluster.placement_file, self.cluster.placement.version, exc,
+            )
 
 
 async def run_daemon(

@@ -27,6 +27,7 @@ from quart import Quart, Response, g, request
 from ..engine.budget import MemoryBudget
 from ..storage.shard import sqlite_memory_bytes
 from ..sync.protocol import ReplicaType
+from .cluster.node import ClusterNode
 from .version import package_version
 
 access_log = logging.getLogger("verdant_trio.access")
@@ -74,6 +75,28 @@ class TypeCounts:
 
 class PrometheusObserver:
     """Implements `observe.Observer`; `render()` gives the exposition text."""
+
+    def track_cluster(self, node: ClusterNode) -> None:
+        """A cluster node's identity and the slots it serves (no library id in any label)."""
+        r = self.registry
+        Gauge(
+            "verdant_cluster_node_info", "This node's name in the cluster's placement table",
+            ["node"], registry=r,
+        ).labels(node.node_id).set(1)
+        Gauge(
+            "verdant_cluster_slots_owned",
+            "Slots this node serves now (the table's, less those fenced for a move)",
+            registry=r,
+        ).set_function(lambda: node.slots_owned)
+        Gauge(
+            "verdant_cluster_placement_version", "Version of the placement table in force",
+            registry=r,
+        ).set_function(lambda: node.placement.version)
+        Gauge(
+            "verdant_cluster_libraries_released",
+            "Libraries released (closed here) since start because their slot left this node",
+            registry=r,
+        ).set_function(lambda: node.libraries_released)
 
     def track_memory_budget(self, budget: MemoryBudget) -> None:
         """The large-message budget's gauges read the running core's budget."""
@@ -167,6 +190,12 @@ class PrometheusObserver:
             "verdant_upload_bytes", "Bytes of uploaded files stored", registry=r
         )
         self.uploads = Counter("verdant_uploads", "Uploaded files stored", registry=r)
+        self.refusals = Counter(
+            "verdant_cluster_refusals",
+            "Requests for a library this node does not own, refused with 503 (cluster mode)",
+            ["transport"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             "verdant_http_request_duration_seconds",
             "HTTP requests handled by the Quart app, until the response starts",
@@ -218,6 +247,9 @@ class PrometheusObserver:
     def upload(self, size_bytes: int) -> None:
         self.uploads.inc()
         self.upload_bytes.inc(size_bytes)
+
+    def refused(self, transport: str) -> None:
+        self.refusals.labels(transport).inc()
 
     # -- HTTP -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ import errno
 import os
 import secrets
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -72,11 +72,22 @@ class LocalFileStorage:
 
     `host` is the public base URL for file links (e.g. the origin behind your reverse proxy);
     without it, links use the origin of the request that asked for the file info.
+
+    `slot_of` (cluster mode): the slot of a library id. Links then carry it,
+    `/files/<slot>/<library>/<file id>/<name>`, so that the front routes a download to the
+    library's node by its URL alone (a download carries no token).
     """
 
-    def __init__(self, root_directory: str | os.PathLike[str], host: str | None = None) -> None:
+    def __init__(
+        self,
+        root_directory: str | os.PathLike[str],
+        host: str | None = None,
+        *,
+        slot_of: Callable[[str], int] | None = None,
+    ) -> None:
         self.root = Path(root_directory).resolve()
         self.host = host.rstrip("/") if host else None
+        self.slot_of = slot_of
 
     def directory(self, library_id: str, file_id: str) -> Path:
         path = self.root / encode_id(library_id, "library id") / encode_id(file_id, "file id")
@@ -130,8 +141,9 @@ class LocalFileStorage:
         base = self.host or (base_url.rstrip("/") if base_url else None)
         if base is None:
             return None
+        slot = f"/{self.slot_of(library_id)}" if self.slot_of is not None else ""
         return (
-            f"{base}/files/{quote(encode_id(library_id, 'library id'), safe='')}"
+            f"{base}/files{slot}/{quote(encode_id(library_id, 'library id'), safe='')}"
             f"/{quote(encode_id(file_id, 'file id'), safe='')}"
             f"/{quote(safe_file_name(name), safe='')}"
         )

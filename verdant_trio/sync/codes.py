@@ -19,6 +19,9 @@ class CloseCode(enum.IntEnum):
     TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     """The server could not handle what the client sent; it reconnects and resyncs."""
+    SERVICE_RESTART = 1012
+    """This node stopped serving the library (its slot moved to another node of a cluster):
+    clients reconnect at once, with the same token, and the front routes them to the owner."""
     TRY_AGAIN_LATER = 1013
     """A slow consumer, a library restarting, no memory for a large message: come back."""
     EVICTED = 4001

@@ -28,9 +28,13 @@ class ErrorCode(enum.IntEnum):
 class VerdantError(Exception):
     """An error with a Verdant code; the HTTP status is `code // 10`, as in the reference."""
 
-    def __init__(self, code: ErrorCode, message: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str | None = None, *, retry_after_s: int | None = None
+    ) -> None:
         self.code: Final = code
         self.message: Final = message or code.name.lower().replace("_", " ")
+        self.retry_after_s: Final = retry_after_s
+        """Sent as `Retry-After` (a refusal that a retry soon will get past)."""
         super().__init__(f"{int(code)}: {self.message}")
 
     @property

@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 from ..engine.budget import Reservation
 from ..engine.connections import Transport
 from ..engine.core import VerdantCore
+from ..engine.registry import NotServedHere
 from ..storage.files import LocalFileStorage
 from ..storage.names import decode_name
 from ..sync.codes import CloseCode
@@ -57,7 +58,10 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def error_response(error: VerdantError) -> Response:
-    return json_response(error.to_body(), error.http_status)
+    response = json_response(error.to_body(), error.http_status)
+    if error.retry_after_s is not None:
+        response.headers["Retry-After"] = str(error.retry_after_s)
+    return response
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -114,7 +118,10 @@ def create_quart_app(core: VerdantCore, settings: AppSettings) -> QuartTrio:
 
     @app.errorhandler(VerdantError)
     async def verdant_error(error: VerdantError) -> Response:
-        if error.http_status >= 500:
+        if isinstance(error, NotServedHere):  # a cluster's routing at work, not a failure
+            core.observer.refused("http")
+            log.info("refused: library not served here path=%s", request.path)
+        elif error.http_status >= 500:
             log.error("request failed path=%s error=%s", request.path, error)
         return error_response(error)
 
@@ -290,15 +297,38 @@ def file_serving_blueprint(
 
     bp = Blueprint(name, __name__)
 
+    def decoded(library_name: str, file_name: str) -> tuple[str, str]:
+        try:
+            return decode_name(library_name), decode_name(file_name)
+        except ValueError:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found") from None
+
+    @bp.route("/files/<int:slot>/<library_name>/<file_name>/<name>", methods=["GET", "HEAD"])
+    async def serve_slot_file(slot: int, library_name: str, file_name: str, name: str) -> Response:
+        """The cluster form of a file URL: the slot first, for the front to route by."""
+        library_id, _ = decoded(library_name, file_name)
+        if storage.slot_of is None or storage.slot_of(library_id) != slot:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
+        return await serve(library_name, file_name, name)
+
     @bp.route("/files/<library_name>/<file_name>/<name>", methods=["GET", "HEAD"])
     async def serve_file(library_name: str, file_name: str, name: str) -> Response:
+        library_id, _ = decoded(library_name, file_name)
+        if storage.slot_of is not None and not core.owns(library_id):
+            # The front sends a link without a slot (minted before the cluster, or an encoded
+            # name it cannot hash) to any node: point it at the slot form, which it routes.
+            parts = [str(storage.slot_of(library_id)), library_name, file_name, name]
+            response = Response(b"", status=307)
+            response.headers["Location"] = "/files/" + "/".join(quote(p, safe="") for p in parts)
+            return response
+        return await serve(library_name, file_name, name)
+
+    async def serve(library_name: str, file_name: str, name: str) -> Response:
+        library_id, file_id = decoded(library_name, file_name)
+        core.require_owner(library_id)  # 503 before 404: the file may be on its owner
         path = storage.locate(library_name, file_name, name)
         if path is None:
             raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
-        try:
-            library_id, file_id = decode_name(library_name), decode_name(file_name)
-        except ValueError:
-            raise VerdantError(ErrorCode.NOT_FOUND, "file not found") from None
         content_type = await core.files.served_type(library_id, file_id)
         if content_type is None:
             raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
@@ -451,15 +481,14 @@ def offers_bearer(subprotocols: Sequence[str]) -> bool:
 async def deny_websocket(scope: Scope, send: Send, error: VerdantError) -> None:
     if "websocket.http.response" in (scope.get("extensions") or {}):
         body = orjson.dumps(error.to_body())
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if error.retry_after_s is not None:
+            headers.append((b"retry-after", str(error.retry_after_s).encode()))
         await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": error.http_status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
+            {"type": "websocket.http.response.start", "status": error.http_status, "headers": headers}
         )
         await send({"type": "websocket.http.response.body", "body": body})
     else:
@@ -502,8 +531,10 @@ class VerdantAsgi:
         """
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         status, body = 200, b'{"success":true}'
+        retry_after_s: int | None = None
         try:
             info = self.core.verify(bearer_token(headers.get("authorization")))
+            self.core.require_owner(info.library_id)  # from the headers, before the body
             limit = self.core.settings.max_upload_bytes
             length = headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD_BYTES:
@@ -513,11 +544,15 @@ class VerdantAsgi:
             )
             await self.core.files.upload(info, file_id, upload)
         except VerdantError as error:
-            if error.http_status >= 500:
+            if isinstance(error, NotServedHere):
+                self.core.observer.refused("http")
+                log.info("upload refused: library not served here file=%s", file_id)
+            elif error.http_status >= 500:
                 log.error("upload failed file=%s error=%s", file_id, error)
             else:
                 log.info("upload refused file=%s status=%d reason=%s", file_id, error.http_status, error.message)
             status, body = error.http_status, orjson.dumps(error.to_body())
+            retry_after_s = error.retry_after_s
         except _ClientGone:
             log.info("upload interrupted by the client file=%s", file_id)
             return
@@ -527,6 +562,8 @@ class VerdantAsgi:
         ]
         if status >= 400:
             response_headers.append((b"connection", b"close"))  # the body may be unread
+        if retry_after_s is not None:
+            response_headers.append((b"retry-after", str(retry_after_s).encode()))
         origin = headers.get("origin")
         if origin and (self.settings.cors_origins is None or origin in self.settings.cors_origins):
             response_headers += [
@@ -571,7 +608,9 @@ class VerdantAsgi:
 
         async def deny(error: VerdantError) -> None:
             with trio.move_on_after(self.core.settings.connections.close_timeout_s):
-                await transport.refuse(error.http_status, orjson.dumps(error.to_body()))
+                await transport.refuse(
+                    error.http_status, orjson.dumps(error.to_body()), error.retry_after_s
+                )
 
         await run_sync_socket(
             self.core, socket_token(upgrade.subprotocols, upgrade.query_string), transport,

@@ -131,15 +131,22 @@ def accept_response(key: str, subprotocol: str | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
 
 
-def refusal_response(status: int, body: bytes, content_type: str = "application/json") -> bytes:
+def refusal_response(
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+    *,
+    retry_after_s: int | None = None,
+) -> bytes:
     """A complete HTTP answer instead of the upgrade; the connection closes after it."""
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
+    retry = f"retry-after: {retry_after_s}\r\n" if retry_after_s is not None else ""
     head = (
         f"HTTP/1.1 {status} {phrase}\r\ncontent-type: {content_type}\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n"
     )
     return head.encode("ascii") + body
 

@@ -154,10 +154,10 @@ class StreamWebSocket:
         """Answer the upgrade request: the socket is open."""
         await self._write(accept_response(key, subprotocol))
 
-    async def refuse(self, status: int, body: bytes) -> None:
+    async def refuse(self, status: int, body: bytes, retry_after_s: int | None = None) -> None:
         """Answer the upgrade request with an HTTP error instead (bounded by the caller)."""
         try:
-            await self._write(refusal_response(status, body))
+            await self._write(refusal_response(status, body, retry_after_s=retry_after_s))
         except Disconnected:
             pass
 
