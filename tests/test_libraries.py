@@ -206,7 +206,11 @@ async def test_http_presence_expires_into_presence_offline(tmp_path: Path, autoj
         assert trio.current_time() - asked >= 0.9 * LibrarySettings(tmp_path).http_presence_ttl_s
 
 
-async def test_a_failing_message_does_not_undo_the_rest_of_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_failing_message_keeps_what_came_before_and_nothing_after_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reads a `server-ack` as "everything I sent before it is synced": acknowledging
+    a message after a rolled-back one would make it drop that one for good."""
     from verdant_trio.sync import decisions as library
 
     original = library.LibraryCore._handle_presence
@@ -218,17 +222,21 @@ async def test_a_failing_message_does_not_undo_the_rest_of_the_batch(tmp_path: P
 
     monkeypatch.setattr(library.LibraryCore, "_handle_presence", boom)
     async with libraries(tmp_path) as registry, registry.use("lib") as host:
-        peer = Peer(1, "alice", realtime=False)
+        peer, other = Peer(1, "alice", realtime=False), Peer(2, "bob", realtime=False)
         await host.request(peer, [
             op_message("ra", "items/1", 1),
             message("presence-update", replicaId="ra", presence="boom"),
             op_message("ra", "items/2", 2),
         ])
         assert peer.kinds() == ["server-ack", "error"]
-        assert peer.inbox[0]["timestamp"] == op_message("ra", "items/2", 2).timestamp
+        assert peer.inbox[0]["timestamp"] == op_message("ra", "items/1", 1).timestamp
+        await host.request(other, [op_message("rb", "items/3", 3)])  # others are served
+        assert other.kinds() == ["server-ack"]
         # (compaction may already have folded items/1 into a baseline: read the documents)
-        snapshots = await host.call(lambda core: [core.object_snapshot(f"items/{n}") for n in (1, 2)])
-        assert snapshots == [{"n": 1}, {"n": 2}]
+        snapshots = await host.call(
+            lambda core: [core.object_snapshot(f"items/{n}") for n in (1, 2, 3)]
+        )
+        assert snapshots == [{"n": 1}, None, {"n": 3}]
 
 
 async def test_a_rolled_back_message_leaves_nothing_in_joined_replies(
@@ -236,16 +244,16 @@ async def test_a_rolled_back_message_leaves_nothing_in_joined_replies(
 ) -> None:
     from verdant_trio.storage.shard import Shard
 
-    original = Shard.touch_replica
+    original = Shard.insert_operations
     calls = {"n": 0}
 
-    def failing_second_touch(self: Shard, replica_id: str) -> None:
+    def failing_second_insert(self: Shard, *args: Any) -> Any:
         calls["n"] += 1
-        if calls["n"] == 2:  # after message 2 joined the op-re and the server-ack
+        if calls["n"] == 2:  # message 2 fails after message 1 joined the op-re and the ack
             raise RuntimeError("bug")
-        original(self, replica_id)
+        return original(self, *args)
 
-    monkeypatch.setattr(Shard, "touch_replica", failing_second_touch)
+    monkeypatch.setattr(Shard, "insert_operations", failing_second_insert)
     async with libraries(tmp_path) as registry, registry.use("lib") as host:
         writer, listener = Peer(1, "alice"), Peer(2, "bob")
         await host.attach(writer)
@@ -254,11 +262,23 @@ async def test_a_rolled_back_message_leaves_nothing_in_joined_replies(
         await host.request(writer, batch)
         await settle(listener, "op-re")
         (rebroadcast,) = [m for m in listener.inbox if m["type"] == "op-re"]
-        assert [op["oid"] for op in rebroadcast["operations"]] == ["items/1", "items/3"]
+        assert [op["oid"] for op in rebroadcast["operations"]] == ["items/1"]
         (ack,) = [m for m in writer.inbox if m["type"] == "server-ack"]
-        assert ack["timestamp"] == batch[2].timestamp
-        snapshots = await host.call(lambda core: [core.object_snapshot(f"items/{n}") for n in (1, 2, 3)])
-        assert snapshots == [{"n": 1}, None, {"n": 3}]
+        assert ack["timestamp"] == batch[0].timestamp  # not past the lost message
+        assert writer.closed_with is not None and writer.closed_with[0] == 1011  # it resyncs
+        # until it has gone, nothing more of the writer's is taken (or acknowledged)
+        await host.submit(writer, [op_message("ra", "items/4", 4)], wait=True)
+        assert [m for m in writer.inbox if m["type"] == "server-ack"] == [ack]
+        snapshots = await host.call(
+            lambda core: [core.object_snapshot(f"items/{n}") for n in (1, 2, 3, 4)]
+        )
+        assert snapshots == [{"n": 1}, None, None, None]
+        host.detach(writer)  # it reconnects (a new connection) and sends what was not acked
+        again = Peer(3, "alice")
+        await host.attach(again)
+        await host.submit(again, [op_message("ra", "items/2", 2)], wait=True)
+        assert [m["type"] for m in again.inbox] == ["server-ack"]
+        assert await host.call(lambda core: core.object_snapshot("items/2")) == {"n": 2}
 
 
 @contextlib.asynccontextmanager

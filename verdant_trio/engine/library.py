@@ -89,6 +89,9 @@ class LibraryHost:
         self._observer = observer
         self._send, self._receive = trio.open_memory_channel[Envelope](settings.inbox_size)
         self._detached: list[Peer] = []
+        self._failed: set[int] = set()
+        """Keys of realtime peers a message of which was rolled back, until they have gone
+        (bounded by the peers attached: each is closed, and forgotten when it departs)."""
         self._attach_queued: set[int] = set()
         """Keys of peers whose attach is in the inbox, not applied yet. A peer that departs
         meanwhile is taken out, and its attach is then dropped: applied after the departure, it
@@ -380,6 +383,8 @@ class LibraryHost:
             self._observer.replicas_resynced(outcome.resynced)
             self._observer.operations_recovered(outcome.recovered)
         self._hand_over(encoded)
+        if outcome.failed:
+            self._close_failed(outcome)
         for envelope in work:
             if envelope.done is not None:
                 envelope.done.set()
@@ -432,7 +437,15 @@ class LibraryHost:
     def _handle_one(
         self, core: LibraryCore, peer: Peer, message: ClientMessage, outcome: Outcome
     ) -> None:
-        """One message in its own savepoint: a bug on one message must not undo the others."""
+        """One message in its own savepoint: a bug on one message must not undo the others'.
+
+        Its sender's later messages are not handled (in this batch, and in later ones until the
+        peer has gone): a client reads the `server-ack` of a later message as "everything
+        before it is synced" and would never send the lost one again. A realtime sender is
+        closed (`_close_failed`), so it resyncs and sends what was not acknowledged.
+        """
+        if peer.key in outcome.failed or peer.key in self._failed:
+            return
         undo = outcome.checkpoint()
         try:
             with core.shard.transaction():
@@ -444,10 +457,19 @@ class LibraryHost:
                 self.id, peer.user_id, message.replica_id,
                 type(message).__name__,
             )
+            outcome.failed[peer.key] = peer
             outcome.sends.append(
                 Send({"type": "error", "code": int(ErrorCode.UNEXPECTED),
                       "message": "the server could not handle this message"}, [peer])
             )
+
+    def _close_failed(self, outcome: Outcome) -> None:
+        """Senders of a rolled-back message: a realtime one is closed and ignored until it has
+        gone (`_handle_departures` forgets it); an HTTP request ends with this batch."""
+        for key, peer in outcome.failed.items():
+            if peer.realtime:
+                self._failed.add(key)
+                peer.close_soon(CloseCode.INTERNAL_ERROR, "server error; reconnect to resync")
 
     def _abort_batch(self, work: list[Work], exc: BaseException) -> None:
         error = VerdantError(ErrorCode.UNEXPECTED, "the server could not store this batch")
@@ -468,6 +490,8 @@ class LibraryHost:
         if not self._detached:
             return
         departed, self._detached = self._detached, []
+        for peer in departed:
+            self._failed.discard(peer.key)
         self._deliver(self._upkeep.departures(core, departed))
         self._maybe_empty()
 

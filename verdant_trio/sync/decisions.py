@@ -92,6 +92,9 @@ class Outcome:
     resynced: int = 0
     """Replicas that re-sent their history to a restored library."""
     server_acks: dict[int, Send] = field(default_factory=dict)
+    failed: dict[int, Peer] = field(default_factory=dict)
+    """Peers (by key) a message of which failed and was rolled back: nothing later of theirs
+    is handled, since its acknowledgement would cover the lost message."""
     mergeable: list[Send] = field(default_factory=list)
     """Sends later messages of the batch may extend (joined op-re, coalesced server-ack)."""
 
