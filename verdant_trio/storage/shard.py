@@ -161,17 +161,23 @@ class Shard:
         transactions a second: deferred, 7 of 2,396 failed in 30 s; immediate, none of 2,386.
         """
         conn = self.conn
-        outermost = not conn.in_transaction
         try:
-            if outermost:
-                conn.execute("BEGIN IMMEDIATE")
-            with conn:
+            if conn.in_transaction:
+                with conn:  # a savepoint
+                    yield
+                return
+            # The outermost level is the BEGIN alone: a savepoint around its whole body as well
+            # would make SQLite keep a sub-journal of every page the body changes (measured:
+            # 119 against 93 µs of CPU per op message handled with 50 listeners).
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield
-            if outermost:
                 conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:  # a failed COMMIT leaves the transaction open
+                    conn.execute("ROLLBACK")
+                raise
         except BaseException:
-            if outermost and conn.in_transaction:
-                conn.execute("ROLLBACK")
             self.forget_cached()
             raise
 
