@@ -232,3 +232,37 @@ async def test_near_limit_messages_at_once_wait_for_memory(tmp_path: Path) -> No
         # Within the budget, give or take what one message costs beyond its reservation
         # (measured before the budget: 224 MiB here for five, 93 MiB for one).
         assert five < 1.5 * max(one, budget / 1024), (one, five)
+
+
+async def test_messages_sent_just_before_the_close_are_handled(tmp_path: Path) -> None:
+    """A client closes right after its last `op` and `disconnecting`, often in one packet: the
+    server read them and must handle them (Verdant's own migration test caught their loss)."""
+    from verdant_trio.client import sync_message
+
+    async with server_process(tmp_path) as server:
+        stream, _ = await raw_upgrade(server.port, server.token("lib", "alice"))
+        await stream.send_all(masked(0x1, orjson.dumps(sync_message("ra"))))
+        with trio.fail_after(10):
+            seen = b""
+            while b"sync-resp" not in seen:
+                seen += await stream.receive_some(65536)
+        ops = [
+            {"type": "op", "replicaId": "ra", "timestamp": timestamp(), "operations": [
+                {"oid": f"items/{n}", "timestamp": timestamp(),
+                 "data": {"op": "initialize", "value": {"n": n}}},
+            ]}
+            for n in range(3)
+        ]
+        burst = b"".join(masked(0x1, orjson.dumps(op)) for op in ops)
+        burst += masked(0x1, orjson.dumps({"type": "disconnecting", "replicaId": "ra"}))
+        burst += masked(0x8, (1000).to_bytes(2, "big"))
+        await stream.send_all(burst)  # one write: the server reads it all at once
+        with trio.fail_after(10):
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+        async with connect(server.sync_url, server.token("lib", "bob")) as other:
+            response = await other.sync("rb")
+        assert sorted(op["oid"] for op in response["operations"]) == [
+            "items/0", "items/1", "items/2"
+        ], response

@@ -164,8 +164,8 @@ class ReplicaConnection:
 
     realtime = True
     __slots__ = (
-        "_backlog", "_backlog_messages", "_errors", "_nursery", "_observer", "_outbox", "_room",
-        "_settings", "_transport", "close_code", "close_reason", "closing", "key",
+        "_backlog", "_backlog_messages", "_drained", "_errors", "_nursery", "_observer", "_outbox",
+        "_room", "_settings", "_transport", "close_code", "close_reason", "closing", "key",
         "last_heard", "library_id", "profile", "replica_id", "type", "user_id",
     )
 
@@ -197,6 +197,8 @@ class ReplicaConnection:
         self._backlog_messages = 0
         self._errors = 0
         """Invalid messages so far; at `max_protocol_errors` the connection is closed."""
+        self._drained: trio.Event | None = None
+        """Set when the forwarder ends, while the connection waits for it (`_drain`)."""
         self._room: trio.Event | None = None
         """Set when the forwarder takes from a full backlog (the reader waits for it)."""
         self.last_heard = trio.current_time()
@@ -268,6 +270,7 @@ class ReplicaConnection:
                     await self._reader(host)
                 except Disconnected:
                     self.closing = True
+                    await self._drain()
                 except LibraryGone:
                     self.close_soon(CloseCode.TRY_AGAIN_LATER, "library is restarting")
                 nursery.cancel_scope.cancel()
@@ -311,7 +314,16 @@ class ReplicaConnection:
         pending: list[ClientMessage] = []
         reservations: list[Reservation] = []
         while True:
-            message = self._parse(await transport.receive())
+            try:
+                raw = await transport.receive()
+            except Disconnected:
+                # What the peer sent before it went is handled like the rest: a client closes
+                # right after its last `op` (and `disconnecting`), often in the same packet.
+                if pending:
+                    await self._forward(host, pending, reservations)
+                raise
+            message = self._parse(raw)
+            del raw
             self.last_heard = trio.current_time()
             if isinstance(message, Heartbeat):
                 self.deliver(HEARTBEAT_RESPONSE)
@@ -395,6 +407,17 @@ class ReplicaConnection:
         finally:
             if self._backlog is backlog:
                 self._drop_backlog()
+            if self._drained is not None:
+                self._drained.set()
+
+    async def _drain(self) -> None:
+        """Let the forwarder hand the library what the peer sent before it went, for at most
+        `close_timeout_s` (the backlog holds at most `inbound_queue` messages)."""
+        if self._backlog is None:
+            return
+        drained = self._drained = trio.Event()
+        with trio.move_on_after(self._settings.close_timeout_s):
+            await drained.wait()
 
     def _drop_backlog(self) -> None:
         backlog, self._backlog = self._backlog, None
