@@ -83,6 +83,32 @@ async def test_upload_then_info_then_download(server: RunningServer) -> None:
     assert "etag" in served.headers and "last-modified" in served.headers
 
 
+async def test_a_file_gone_from_disk_is_404_and_one_deleted_while_sent_arrives_whole(
+    server: RunningServer,
+) -> None:
+    """A library's files are deleted when it is evicted or compacts: a download that learned
+    the file's type just before must answer 404, not fail inside a 200."""
+    data = os.urandom(2_000_000)
+    await upload(server, "doomed", form("big.bin", data))
+    await upload(server, "gone", form("small.bin", b"x" * 10))
+    urls = {f: (await file_info(server, f)).json()["url"] for f in ("doomed", "gone")}
+    (gone,) = [p for p in stored_files(server) if p.name == "small.bin"]
+    gone.unlink()  # its metadata stays: as if deleted between the lookup and the open
+    async with server.http() as http:
+        missing = await http.get(urls["gone"])
+        assert missing.status_code == 404, missing.text
+        async with http.stream("GET", urls["doomed"]) as streaming:
+            assert streaming.status_code == 200
+            chunks = []
+            async for chunk in streaming.aiter_bytes():
+                if not chunks:
+                    (doomed,) = [p for p in stored_files(server) if p.name == "big.bin"]
+                    doomed.unlink()  # deleted while it is being sent
+                chunks.append(chunk)
+            assert not any(p.name == "big.bin" for p in stored_files(server))
+    assert b"".join(chunks) == data
+
+
 async def test_range_and_conditional_requests(server: RunningServer) -> None:
     data = bytes(range(256)) * 4000
     await upload(server, "video", form("clip.mp4", data, "video/mp4"))

@@ -32,7 +32,7 @@ from ..sync.codes import CloseCode
 from ..sync.errors import Disconnected, ErrorCode, VerdantError
 from ..sync.protocol import ProtocolError, ReplicaType, decode_json
 from ..sync.tokens import TokenProvider
-from .file_responses import is_active_content, plan_file_response
+from .file_responses import is_active_content, open_stored, plan_file_response
 from .multipart import UploadTooLarge, open_multipart_file
 from .settings import AppSettings
 from .upgrade import UpgradeRequest
@@ -332,10 +332,16 @@ def file_serving_blueprint(
         content_type = await core.files.served_type(library_id, file_id)
         if content_type is None:
             raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
-        plan = await trio.to_thread.run_sync(
-            plan_file_response, path, content_type, dict(request.headers)
-        )
-        body = plan.body(path) if request.method == "GET" and plan.status in (200, 206) else b""
+        opened = await open_stored(path)
+        if opened is None:
+            raise VerdantError(ErrorCode.NOT_FOUND, "file not found")
+        file, stat = opened
+        plan = plan_file_response(stat, content_type, dict(request.headers))
+        body: AsyncIterator[bytes] | bytes = b""
+        if request.method == "GET" and plan.status in (200, 206):
+            body = plan.body(file)
+        else:
+            await file.aclose()
         response = Response(body, status=plan.status, headers=plan.headers)
         if plan.status in (200, 206):
             response.timeout = None  # big files take their time

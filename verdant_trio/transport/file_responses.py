@@ -4,10 +4,11 @@ must download as attachments rather than run as pages of our origin.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 from werkzeug.http import (
@@ -27,6 +28,15 @@ ACTIVE_CONTENT: Final = frozenset(
 """Types a browser would run as our origin's page or script: served as attachments."""
 
 
+if TYPE_CHECKING:
+    from io import BufferedReader
+
+    from trio._file_io import AsyncIOWrapper
+
+    StoredFile = AsyncIOWrapper[BufferedReader]
+    """A stored file opened for reading (what `trio.open_file` gives)."""
+
+
 def is_active_content(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() in ACTIVE_CONTENT
 
@@ -40,10 +50,11 @@ class FileResponse:
     start: int = 0
     stop: int = 0
 
-    async def body(self, path: Path, chunk_bytes: int = 64 * 1024) -> AsyncIterator[bytes]:
-        """Stream the range from disk; never the whole file in memory."""
+    async def body(self, file: StoredFile, chunk_bytes: int = 64 * 1024) -> AsyncIterator[bytes]:
+        """Stream the range from the file opened for this response (`open_stored`), closing it
+        at the end; never the whole file in memory."""
         remaining = self.stop - self.start
-        async with await trio.open_file(path, "rb") as f:
+        async with file as f:
             await f.seek(self.start)
             while remaining > 0:
                 chunk = await f.read(min(chunk_bytes, remaining))
@@ -53,12 +64,29 @@ class FileResponse:
                 yield chunk
 
 
+async def open_stored(path: Path) -> tuple[StoredFile, os.stat_result] | None:
+    """The file opened, and its status read from the open file; None if it is gone.
+
+    Opened before the answer is planned, so a file deleted meanwhile (its library evicted,
+    compaction) is a 404, and one deleted while it is being sent is still sent whole (the
+    open file outlives its name), instead of a 200 whose body fails.
+    """
+    try:
+        file = await trio.open_file(path, "rb")
+    except FileNotFoundError:
+        return None
+    try:
+        return file, await trio.to_thread.run_sync(os.fstat, file.fileno())
+    except BaseException:
+        await file.aclose()
+        raise
+
+
 def plan_file_response(
-    path: Path, content_type: str, request_headers: Mapping[str, str]
+    stat: os.stat_result, content_type: str, request_headers: Mapping[str, str]
 ) -> FileResponse:
     """Conditional requests (ETag, Last-Modified) and single byte ranges, as browsers use them
     for media seeking."""
-    stat = path.stat()
     size = stat.st_size
     etag = f'"{size:x}-{stat.st_mtime_ns:x}"'
     headers = {
