@@ -230,6 +230,8 @@ let config = null;
 let descriptor = null;
 let client = null;
 let futureSeenCount = 0;
+// sync-resps whose presence step has run in this client (see watchPresence)
+let presenceSyncCount = 0;
 
 const LEVELS = new Set(['debug', 'info', 'warn', 'error', 'critical']);
 function clientLog(...args) {
@@ -316,26 +318,65 @@ async function openClient(cfg, { syncedBefore = null } = {}) {
 	client.subscribe('futureSeen', () => {
 		futureSeenCount++;
 	});
+	presenceSyncCount = 0;
+	if (cfg.sync) watchPresence(client);
 	if (cfg.sync && cfg.autoStart && cfg.waitForSync) {
-		await waitForInitialSync(client, cfg.waitForSyncTimeout, syncedBefore);
+		await waitForInitialSync(client, cfg.waitForSyncTimeout, syncedBefore, {
+			presenceSynced: true,
+		});
 	}
 	return client;
 }
 
+// The store handles a server message in an async handler and applies its
+// presence part last, after the message's storage writes (for a sync-resp:
+// its data, the global ack, lastSyncedLogicalTime, then one more read of the
+// local replica). Handlers of later messages do not wait for it, and a
+// sync-resp's presence step REPLACES the peers with its peerPresence. So a
+// presence-changed that arrives just after a sync-resp can be applied first
+// and then erased by the older snapshot (seen under CPU load: alice never saw
+// bob, who joined 20 ms after her sync-resp). "Synced" therefore includes the
+// presence step; this counts the sync-resps whose presence step has run.
+// Installed right after descriptor.open(): the Client (and its sync) is built
+// synchronously at the end of open(), and no message can be handled before
+// network I/O, so none is missed.
+function watchPresence(c) {
+	const presence = c.sync.presence;
+	const key = Object.getOwnPropertySymbols(presence).find(
+		(s) => s.description === 'handleMessage',
+	);
+	if (!key || typeof presence[key] !== 'function') {
+		throw new Error('unexpected PresenceManager internals: no [handleMessage] handler');
+	}
+	const handle = presence[key];
+	presence[key] = (localReplicaInfo, message) => {
+		const result = handle(localReplicaInfo, message);
+		if (message?.type === 'sync-resp') presenceSyncCount++;
+		return result;
+	};
+}
+
 // The first processed sync-resp stores its ackedTimestamp as
-// lastSyncedLogicalTime; wait for that to change (or appear).
-async function waitForInitialSync(c, timeoutMs, before) {
+// lastSyncedLogicalTime; wait for that to change (or appear) and, with
+// presenceSynced, for the presence step of a sync-resp of this client.
+async function waitForInitialSync(c, timeoutMs, before, { presenceSynced = false } = {}) {
 	if (before === undefined) {
 		before = (await c.meta.localReplica.get()).lastSyncedLogicalTime ?? null;
 	}
 	const deadline = Date.now() + timeoutMs;
 	while (Date.now() < deadline) {
 		const info = await c.meta.localReplica.get();
-		if ((info.lastSyncedLogicalTime ?? null) !== before) return;
+		if (
+			(info.lastSyncedLogicalTime ?? null) !== before &&
+			(!presenceSynced || presenceSyncCount > 0)
+		) {
+			return;
+		}
 		await new Promise((r) => setTimeout(r, 10));
 	}
 	throw new Error(
-		`initial sync did not complete within ${timeoutMs} ms (no sync-resp with ackedTimestamp processed)`,
+		`initial sync did not complete within ${timeoutMs} ms (no sync-resp with ackedTimestamp processed` +
+			`${presenceSynced ? ', and its presence applied' : ''})`,
 	);
 }
 
