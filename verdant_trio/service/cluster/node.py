@@ -69,6 +69,15 @@ class ClusterNode:
         return bool(self._serving[slot])
 
     @property
+    def fenced(self) -> frozenset[int]:
+        """Slots held back whatever the table says (a move in progress)."""
+        return frozenset(self._fenced)
+
+    def in_table(self, slot: int) -> bool:
+        """Whether the table gives `slot` to this node (fenced or not)."""
+        return self.placement.owners[slot] == self.node_id
+
+    @property
     def slots_owned(self) -> int:
         """Slots served now (the table's, less the fenced ones)."""
         return sum(self._serving)
