@@ -187,6 +187,7 @@ class Server:
                     core.begin_shutdown()
 
                 if self.cluster is not None:  # lives as long as the listeners (below)
+                    self.cluster.on_change = core.ownership_changed
                     await cluster_nursery.start(self.cluster.run, core)
                     await self._start_internal(cluster_nursery, core, file_storage, shutdown)
 
