@@ -235,6 +235,58 @@ async def test_a_source_that_vanishes_during_the_commit_leaves_the_move_uncertai
     assert "outcome is unknown" in report.summary()
 
 
+async def test_a_commit_judged_refused_that_lands_late_is_reported_as_switched(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The source applies the table after its answer timed out and after a first look at its
+    version: the undo waits for it (the node's finish waits for requests in flight), and the
+    report says the move switched, so that a second run finishes it."""
+    nodes, calls = cluster()
+    plan = await plan_for(nodes, "0:9", "n3")
+    source = nodes["n1"]
+    real_call = source.call
+    pending: list[Any] = []
+
+    async def slow_commit(method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        if method == "POST" and path == "/cluster/placement":
+            pending.append(body)
+            raise PeerError("n1", "POST /cluster/placement: timed out")
+        if path == "/cluster/finish" and pending:  # the commit completes before the undo
+            source.table = parse(pending.pop()["table"])
+        return await real_call(method, path, body, **kw)
+
+    source.call = slow_commit  # type: ignore[method-assign]
+    report = await execute(plan, nodes, FakeFront())
+    assert report.committed and not report.undone and not report.ok, report
+    assert source.table.version == 2 and nodes["n3"].table.version == 1
+    assert "Run the same command again" in report.summary()
+
+
+async def test_a_move_cancelled_before_the_commit_is_undone_on_the_way_out() -> None:
+    nodes, calls = cluster()
+    plan = await plan_for(nodes, "0:9", "n3")
+    target = nodes["n3"]
+    real_call = target.call
+    receiving = trio.Event()
+
+    async def slow_receive(method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        if path == "/cluster/receive":
+            receiving.set()
+            await trio.sleep_forever()
+        return await real_call(method, path, body, **kw)
+
+    target.call = slow_receive  # type: ignore[method-assign]
+    calls.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(execute, plan, nodes, FakeFront())
+        await receiving.wait()
+        nursery.cancel_scope.cancel()  # Ctrl-C
+    undo = [(what, body["outcome"]) for what, body in calls if what.endswith("/cluster/finish")]
+    assert undo == [("n1 /cluster/finish", "undo"), ("n2 /cluster/finish", "undo"),
+                    ("n3 /cluster/finish", "undo")]
+    assert all(node.lock is None for node in nodes.values())
+
+
 async def test_after_the_commit_failures_are_retried_and_never_undone(
     autojump_clock: trio.abc.Clock,
 ) -> None:

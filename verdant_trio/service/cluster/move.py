@@ -327,6 +327,7 @@ async def execute(
     slots = format_slots(plan.slots)
     locked: list[str] = []
     fenced_at: float | None = None
+    commit_sent = False
     try:
         deadline = await _lock_all(plan, nodes, locked, say)
         if front is not None and plan.copy:
@@ -351,19 +352,33 @@ async def execute(
             assert plan.source is not None
             say(f"switch: {plan.source} applies table version {plan.after.version}")
             started = trio.current_time()
+            commit_sent = True
             await _commit(plan, nodes[plan.source], report, deadline)
             report.timings["commit_s"] = round(trio.current_time() - started, 4)
     except (PeerError, MoveError, FrontError, trio.TooSlowError) as exc:
-        if report.uncertain:
-            report.error = _why(exc)
-            report.unavailable_s = _since(fenced_at)
-            return report
         report.error = _why(exc)
+        report.unavailable_s = _since(fenced_at)
+        if report.uncertain:
+            return report
         say(f"undo: {report.error}")
         await _undo(plan, nodes, locked)
+        if commit_sent and plan.source is not None and (
+            await _version_of(nodes[plan.source]) == plan.after.version
+        ):
+            # The source was still applying the table when it was judged refused: the undo
+            # waited for it, so the move did switch (the target dropped its copies: a second
+            # run copies again from the source, which keeps its own).
+            report.committed = True
+            report.left = ["the rest of the move"]
+            return report
         report.undone = True
         report.unavailable_s = _since(fenced_at)
         return report
+    except BaseException:  # cancelled (Ctrl-C): undo what is certain to be undoable, then go
+        if not commit_sent:
+            with trio.CancelScope(shield=True), trio.move_on_after(15):
+                await _undo(plan, nodes, locked)
+        raise
     report.committed = plan.commit or plan.kind != "tidy"
     try:
         await _after_switch(plan, nodes, front, report, fenced_at, post_commit_timeout_s, say)

@@ -501,8 +501,12 @@ class Transfers:
         if move is not None and self.move is move:
             self.move = None
             self._poke()
-        log.info("move finished move=%s role=%s outcome=%s slots=%s %s", move_id, role, outcome,
-                 format_slots(slots), " ".join(f"{k}={v}" for k, v in answer.items()))
+        log.info(
+            "move finished move=%s role=%s outcome=%s slots=%s serving=%s shards_removed=%s "
+            "file_dirs_removed=%s", move_id, role, outcome, format_slots(slots),
+            answer.get("serving", "-"), answer.get("shards_removed", 0),
+            answer.get("file_dirs_removed", 0),
+        )
         return {"move": move_id, "node": self.node.node_id, **answer}
 
     async def _finish(
