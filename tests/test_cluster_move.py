@@ -241,7 +241,7 @@ async def test_a_commit_judged_refused_that_lands_late_is_reported_as_switched(
     """The source applies the table after its answer timed out and after a first look at its
     version: the undo waits for it (the node's finish waits for requests in flight), and the
     report says the move switched, so that a second run finishes it."""
-    nodes, calls = cluster()
+    nodes, _calls = cluster()
     plan = await plan_for(nodes, "0:9", "n3")
     source = nodes["n1"]
     real_call = source.call
