@@ -399,3 +399,30 @@ def test_a_rebalance_is_cut_into_moves_of_bounded_size() -> None:
     moved = {slot: target for slots, target in pieces for slot in slots}
     assert moved == {s: wanted.owners[s] for s in range(SLOT_COUNT) if wanted.owners[s] != table.owners[s]}
     assert {target for _, target in pieces} == {"n3"}
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_the_commands_refuse_what_they_cannot_use(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from verdant_trio.service.cli import main
+    from verdant_trio.service.cluster.tablefile import write_placement
+
+    write_placement(tmp_path / "placement.map", generate(["n1", "n2"]))
+    config = tmp_path / "n1.toml"
+    config.write_text(
+        '[auth]\ntoken_secret = "0123456789abcdef0123456789abcdef"\n'
+        f'[storage]\ndatabases_dir = "{tmp_path / "dbs"}"\n'
+        f'[cluster]\nnode_id = "n1"\nplacement_file = "{tmp_path / "placement.map"}"\n'
+    )
+    cases = [
+        (["cluster", "move", "5", "--to", "n2"], "--config"),
+        (["cluster", "move", "5:2", "--to", "n2", "-c", str(config)], "SLOTS: 5:2"),
+        (["cluster", "move", "--to", "n2", "-c", str(config)], "name the slots"),
+        (["cluster", "move", "5", "--to", "n2", "-c", str(config)], "internal_port is not set"),
+        (["cluster", "status", "-c", str(config)], "internal_port is not set"),
+        (["cluster", "rebalance", "--nodes", "n1,n2", "-c", str(config)], "internal_port"),
+    ]
+    for argv, problem in cases:
+        assert main(argv) == 1, argv
+        assert problem in capsys.readouterr().err, argv

@@ -447,6 +447,13 @@ def node_list(value: str) -> list[str]:
     return names
 
 
+def node_name(value: str) -> str:
+    try:
+        return tables.check_node_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_cluster_placement(args: argparse.Namespace) -> int:
     """The first table for a node list, or (--from) a new version of a table for a new list."""
     try:
@@ -634,10 +641,9 @@ def run_cluster_move(args: argparse.Namespace) -> int:
     from .cluster.move import move_slots
 
     slots = slot_selection(args)
-    tables.check_node_name(args.to)
-    print(f"moving slots {tables.format_slots(slots)} to {args.to}", file=sys.stderr)
 
     async def work(nodes: Any, front: Any) -> Any:
+        print(f"moving slots {tables.format_slots(slots)} to {args.to}", file=sys.stderr)
         return await move_slots(nodes, front, slots, args.to,
                                 post_commit_timeout_s=args.timeout, on_step=_say)
 
@@ -649,12 +655,12 @@ def run_cluster_rebalance(args: argparse.Namespace) -> int:
 
     if args.slots_per_move < 1:
         raise CommandError("--slots-per-move must be at least 1")
-    print(f"rebalancing to {', '.join(args.nodes)}", file=sys.stderr)
 
     def progress(report: MoveReport) -> None:
         print(report.summary(), file=sys.stderr, flush=True)
 
     async def work(nodes: Any, front: Any) -> list[MoveReport]:
+        print(f"rebalancing to {', '.join(args.nodes)}", file=sys.stderr)
         return await rebalance_slots(
             nodes, front, args.nodes, max_slots=args.slots_per_move,
             post_commit_timeout_s=args.timeout, on_step=_say, on_report=progress,
@@ -926,7 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     move.add_argument("slots", nargs="?", help="slots, e.g. 17 or 0:99,512")
     move.add_argument("--library", action="append", help="the slot of this library id (repeatable)")
-    move.add_argument("--to", required=True, help="the node that gets the slots")
+    move.add_argument("--to", required=True, type=node_name, help="the node that gets the slots")
     connection_options(move)
     move.set_defaults(run=run_cluster_move)
     rebalance = cluster_commands.add_parser(
