@@ -18,10 +18,11 @@ One move takes slots from one source to one target, over the node-to-node API (`
    every lock goes.
 
 A failure before step 4 undoes the move: the source serves its slots again, the target deletes
-what it received; nothing acknowledged is lost, because the source's shards were only read. A
-failure after it is retried until `post_commit_timeout_s`, then reported: the same command run
-again finishes the move (the plan sees the nodes that lack the new table). If the orchestrator
-itself dies, the nodes' leases (`[cluster] move_timeout_s`) end the move on each node safely.
+what it received; nothing acknowledged is lost, because the source's shards were only
+checkpointed and read (a cancellation, Ctrl-C, undoes on its way out too). A failure after it
+is retried until `post_commit_timeout_s`, then reported: the same command run again finishes
+the move (the plan sees the nodes that lack the new table). If the orchestrator dies without a
+word, the nodes' leases (`[cluster] move_timeout_s`) end the move on each node safely.
 
 **Unavailability** of the moved libraries: from the release request (the fence) until the target
 serves and HAProxy routes to it (or, undone, until the source serves again).

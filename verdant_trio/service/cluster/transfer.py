@@ -20,9 +20,10 @@ cluster move` (`move`) drives it; a target node uses it to pull from its source.
 **The commit point** is the source applying the new table (`placement` with its move, once
 released): before it, only the source may serve the slots (it is fenced, the target does not own
 them), and undoing is unfencing the source; after it, the source never serves them again and the
-move can only go forward. The source refuses that table unless its copies are the ones the
-target checked: released within this move's lock, still fenced (a restart would have lost the
-lock, and with it the fence, so a source that served again in between refuses).
+move can only go forward. The source takes that table only if it released the slots within
+this move's lock and they are still fenced, so its files are the ones the target copied (a
+restart loses the lock and the fence: a source that could have served again refuses). Likewise
+a target takes a table that gives it the slots only once it has received them in this lock.
 
 **Leases.** A lock lasts `[cluster] move_timeout_s`; long requests run under the same deadline.
 If the orchestrator vanishes, the lock expires: a source serves its slots again if its table
