@@ -196,3 +196,18 @@ def test_install_replaces_stale_copies_and_drops_what_the_source_no_longer_has(t
     assert not any(p.name.startswith(copies.INCOMING_PREFIX) for p in (*dbs.iterdir(), *files.iterdir()))
     assert copies.remove_slots(dbs, files, slots) == (2, 1)
     assert [p.name for p in dbs.iterdir()] == [f"{encode_id(elsewhere)}.sqlite"]
+
+
+def test_install_removes_the_files_of_a_library_the_source_has_none_of(tmp_path: Path) -> None:
+    source, dbs, files = tmp_path / "source", tmp_path / "dbs", tmp_path / "files"
+    for directory in (source, dbs):
+        directory.mkdir()
+    make_shard(source, "lib-a", 3)
+    make_files(files, "lib-a", {"stale": b"from long ago"})  # the target's stale files
+    manifest = copies.describe(source, None, frozenset({slot_of("lib-a")}))
+    staging = copies.staging_dirs(dbs, files, "m2")
+    staging[0].mkdir(parents=True)
+    shutil.copyfile(source / f"{encode_id('lib-a')}.sqlite", staging[0] / f"{encode_id('lib-a')}.sqlite")
+    copies.install(dbs, files, staging, manifest)  # no file was staged at all
+    assert not (files / encode_id("lib-a")).exists()
+    assert (dbs / f"{encode_id('lib-a')}.sqlite").exists()

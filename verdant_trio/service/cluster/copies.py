@@ -489,10 +489,12 @@ def install(
             _remove_shard(databases_dir / f"{lib.directory}{SHARD_SUFFIX}")
         if files_root is not None and incoming_files is not None:
             final_dir = files_root / lib.directory
-            if final_dir.exists():
-                os.replace(final_dir, incoming_files / f"replaced-{lib.directory}")
             if lib.files:
+                if final_dir.exists():  # moved aside, then the new one in: two renames
+                    os.replace(final_dir, incoming_files / f"replaced-{lib.directory}")
                 os.replace(incoming_files / lib.directory, final_dir)
+            elif final_dir.exists():
+                shutil.rmtree(final_dir, ignore_errors=True)
     for root in (databases_dir, files_root):
         if root is not None:
             fsync_directory(root)

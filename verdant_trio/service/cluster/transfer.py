@@ -283,9 +283,13 @@ class Transfers:
                 node.fence(move.slots)
                 await node.wait_released()
             released = trio.current_time()
-            manifest = await trio.to_thread.run_sync(
-                copies.describe, self.databases_dir, self.files_root, move.slots
-            )
+            try:
+                manifest = await trio.to_thread.run_sync(
+                    copies.describe, self.databases_dir, self.files_root, move.slots
+                )
+            except (CopyError, OSError) as exc:
+                move.phase = Phase.FAILED
+                raise TransferError(500, f"the slots' data cannot be described: {exc}") from None
             move.manifest = manifest
             move.phase = Phase.RELEASED
             done = trio.current_time()
@@ -353,9 +357,14 @@ class Transfers:
                     copies.install, self.databases_dir, self.files_root, staging, manifest
                 )
             except PeerError as exc:
+                move.phase = Phase.FAILED
                 raise TransferError(502, f"pulling from {move.peer}: {exc.message}") from None
             except CopyError as exc:
+                move.phase = Phase.FAILED
                 raise TransferError(422, f"the copy does not match the source: {exc}") from None
+            except OSError as exc:  # a full disk, say: nothing of it is installed
+                move.phase = Phase.FAILED
+                raise TransferError(500, f"writing the copy: {exc}") from None
             finally:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
