@@ -37,7 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--servers", default=None,
-                       help='comma-separated servers to start: "ours", "node" (default: ours)')
+                       help='comma-separated servers to start: "ours", "node", "cluster-N" '
+                       "(cluster-dev: N nodes behind HAProxy, all on the server core) "
+                       "(default: ours)")
     where.add_argument("--url", help="an already running server's base URL (http://host:port)")
     p.add_argument("--secret", default=None, help="token secret of the server")
     p.add_argument("--server-pid", type=int, help="with --url: pid to read CPU and memory from")

@@ -93,6 +93,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _by_process(result: dict[str, Any]) -> str | None:
+    figures = result.get("cpu_us_per_op_by_process")
+    if not isinstance(figures, dict):
+        return None
+    return " · ".join(f"{name} {value:,.0f}" for name, value in figures.items())
+
+
+CLUSTER_ROWS: list[tuple[str, Getter]] = [
+    ("server CPU µs per acked op", _get("server_cpu_us_per_op")),
+    ("  of which HAProxy (cluster)", _get("haproxy_cpu_us_per_op")),
+    ("  of which nodes (cluster)", _get("nodes_cpu_us_per_op")),
+    ("  µs per op by process (cluster)", _by_process),
+]
+for _scenario in ("fanout", "libraries", "http"):
+    _at = next(i for i, (label, _) in enumerate(ROWS[_scenario]) if "per server CPU-s" in label)
+    ROWS[_scenario][_at + 1 : _at + 1] = CLUSTER_ROWS
 ROWS["fanout-noack"] = ROWS["fanout"]
 
 

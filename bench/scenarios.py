@@ -85,6 +85,7 @@ class Window:
         self._cpu0 = self.target.cpu()
         self._gen0 = time.process_time()
         self._counters0 = scrape_counters(self.target)
+        self._processes0 = self.target.cpu_by_process()
         if self.target.pid is not None:
             self._threads0 = thread_cpu_seconds(self.target.pid)
             self._split0 = cpu_split(self.target.pid)
@@ -101,6 +102,11 @@ class Window:
             k: round((v - self._counters0.get(k, 0)) / self.wall_s, 1)
             for k, v in sorted(counters1.items()) if v - self._counters0.get(k, 0)
         }
+        processes1 = self.target.cpu_by_process()
+        self.by_process = {
+            name: round(cpu - self._processes0.get(name, 0.0), 3) for name, cpu in processes1.items()
+        }
+        """CPU seconds of each process of a cluster (its nodes and HAProxy) in the window."""
         self.threads: dict[str, float] = {}
         self.switches: dict[str, int] = {}
         if self.target.pid is not None:
@@ -126,7 +132,25 @@ class Window:
             **self.threads,
             "server_context_switches": self.switches or None,
             "server_counters_per_s": self.server_messages_per_s or None,
+            "server_cpu_s_by_process": self.by_process or None,
         }
+
+    def per_op(self, count: float) -> dict[str, Any]:
+        """Server CPU µs per operation: in all, and for a cluster, HAProxy's, the nodes' (their
+        sum) and each process's."""
+        if not self.server_cpu_s or not count:
+            return {}
+        figures: dict[str, Any] = {"server_cpu_us_per_op": round(self.server_cpu_s / count * 1e6, 1)}
+        if self.by_process:
+            haproxy = self.by_process.get("haproxy", 0.0)
+            figures.update({
+                "haproxy_cpu_us_per_op": round(haproxy / count * 1e6, 1),
+                "nodes_cpu_us_per_op": round((self.server_cpu_s - haproxy) / count * 1e6, 1),
+                "cpu_us_per_op_by_process": {
+                    name: round(cpu / count * 1e6, 1) for name, cpu in self.by_process.items()
+                },
+            })
+        return figures
 
     def per_cpu_s(self, count: float) -> float | None:
         if not self.server_cpu_s:
@@ -341,6 +365,7 @@ async def fanout(target: Target, endpoint: Endpoint, opts: Options) -> dict[str,
         "acked_ops": acked,
         "acked_ops_per_s": round(acked / wall, 1),
         "ops_per_server_cpu_s": window.per_cpu_s(acked),
+        **window.per_op(acked),
         "delivered_msgs_per_s": round(frames / wall, 1),
         "delivered_ops_per_s": round(ops_delivered / wall, 1),
         "frames_per_acked_op_per_listener": round(frames / max(1, acked) / opts.listeners, 3),
@@ -445,6 +470,7 @@ async def libraries(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
         "acked_ops": acked,
         "acked_ops_per_s": round(acked / window.wall_s, 1),
         "ops_per_server_cpu_s": window.per_cpu_s(acked),
+        **window.per_op(acked),
         "latency_writer_to_peer": latency_summary(samples),
         "latency_server_ack": latency_summary(ack_latency),
         "all_delivered": complete,
@@ -610,7 +636,7 @@ async def initial_sync(target: Target, endpoint: Endpoint, opts: Options) -> dic
         "bytes": runs[0]["bytes"],
         "operations_in_response": runs[0]["operations"],
         "server_cpu_s_median": sorted(r["server_cpu_s"] or 0 for r in runs)[len(runs) // 2]
-        if target.pid else None,
+        if target.pid or target.pids else None,
         "peak_rss_mb": round(max(peaks) / 1024, 1) if peaks else None,
         "peak_rss_over_before_mb": round(
             max(r["peak_rss_kb"] - r["rss_before_kb"] for r in runs if r["peak_rss_kb"]) / 1024, 1
@@ -696,6 +722,7 @@ async def http_push(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
         "requests_per_s": round(counts["requests"] / window.wall_s, 1),
         "ops_per_s": round(ops / window.wall_s, 1),
         "ops_per_server_cpu_s": window.per_cpu_s(ops),
+        **window.per_op(ops),
         "errors": counts["errors"],
         "latency_request": latency_summary(latencies),
     }

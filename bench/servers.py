@@ -1,14 +1,17 @@
 """Servers under test: started on a pinned core, or reached at a URL; CPU and memory from /proc.
 
-`start_server("ours" | "node", ...)` launches a fresh server in a fresh data directory and
-pins it with `taskset` to one core (the load generator pins itself to another). A server given
-by URL is measured only if its pid is given too (`--server-pid`); otherwise the CPU and
-memory columns stay empty.
+`start_server("ours" | "node" | "cluster-N", ...)` launches a fresh server in a fresh data
+directory and pins it with `taskset` to one core (the load generator pins itself to another).
+`cluster-N` is `verdant-trio cluster-dev --nodes N`: N nodes and HAProxy, all on that one core,
+reached through HAProxy; its CPU is the sum over the nodes and HAProxy, also given per process
+(`Target.pids`). A server given by URL is measured only if its pid is given too
+(`--server-pid`); otherwise the CPU and memory columns stay empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -123,15 +126,29 @@ class Target:
     log_path: Path | None = None
     cpu_core: int | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    """A server of several processes (a cluster: its nodes and HAProxy), by name; `pid` is then
+    None and CPU and memory are their sums."""
 
     @property
     def sync_url(self) -> str:
         return self.url.rstrip("/") + self.sync_path
 
     def cpu(self) -> float | None:
+        if self.pids:
+            return sum(self.cpu_by_process().values())
         return cpu_seconds(self.pid) if self.pid is not None else None
 
+    def cpu_by_process(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
     def memory(self) -> dict[str, int]:
+        if self.pids:  # summed: the peaks of different processes need not coincide
+            total: dict[str, int] = {}
+            for pid in self.pids.values():
+                for key, value in memory_kb(pid).items():
+                    total[key] = total.get(key, 0) + value
+            return total
         return memory_kb(self.pid) if self.pid is not None else {}
 
 
@@ -183,6 +200,72 @@ def node_command(port: int, data_dir: Path, secret: str) -> list[str]:
     return [str(NODE_LAUNCHER), str(port), str(data_dir), "--secret", secret]
 
 
+def cluster_nodes(kind: str) -> int | None:
+    """N for a `cluster-N` server kind (None: not a cluster)."""
+    name, _, count = kind.partition("-")
+    return int(count) if name == "cluster" and count.isdigit() and int(count) >= 1 else None
+
+
+@contextlib.contextmanager
+def start_cluster(
+    nodes: int,
+    *,
+    secret: str,
+    core: int | None,
+    log_level: str = "INFO",
+    keep_log: Path | None = None,
+) -> Iterator[Target]:
+    """`verdant-trio cluster-dev --nodes N` on a free port, every process on `core`."""
+    port = free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix=f"bench-cluster{nodes}-"))
+    command = [
+        sys.executable, "-m", "verdant_trio.service.cli", "cluster-dev", "--nodes", str(nodes),
+        "--port", str(port), "--secret", secret, "--data-dir", str(data_dir / "cluster"),
+        "--log-level", log_level,
+    ]
+    log_path = data_dir / "cluster-dev.log"
+    log_file = open(log_path, "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        _pinned(command, core), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, start_new_session=True,  # the children inherit the pinning
+    )
+    described = data_dir / "cluster" / "cluster.json"
+    try:
+        deadline = time.monotonic() + 90
+        while not described.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"cluster-dev exited with {process.returncode}; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster-dev not ready after 90 s; see {log_path}")
+            time.sleep(0.1)
+        info = json.loads(described.read_text())
+        pids = {name: int(node["pid"]) for name, node in info["nodes"].items()}
+        pids["haproxy"] = int(info["haproxy_pid"])
+        yield Target(
+            f"cluster-{nodes}", info["front"], secret, pid=None, process=process,
+            data_dir=data_dir, log_path=log_path, cpu_core=core, pids=pids,
+            notes={"nodes": str(nodes), "front": info["front"]},
+        )
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(40)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log_file.close()
+        if keep_log is not None:
+            keep_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(keep_log, "wb") as out:
+                for part in [log_path, *sorted((data_dir / "cluster").glob("*/node.log")),
+                             data_dir / "cluster" / "haproxy.log"]:
+                    if part.exists():
+                        out.write(f"==> {part.relative_to(data_dir)} <==\n".encode())
+                        out.write(part.read_bytes())
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def start_server(
     kind: str,
@@ -192,7 +275,14 @@ def start_server(
     log_level: str = "INFO",
     keep_log: Path | None = None,
 ) -> Iterator[Target]:
-    """A fresh server of `kind` ("ours" or "node") on a free port, stopped on exit."""
+    """A fresh server of `kind` ("ours", "node" or "cluster-N") on a free port, stopped on
+    exit."""
+    nodes = cluster_nodes(kind)
+    if nodes is not None:
+        with start_cluster(nodes, secret=secret, core=core, log_level=log_level,
+                           keep_log=keep_log) as target:
+            yield target
+        return
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     if kind == "ours":

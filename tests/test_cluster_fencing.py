@@ -173,6 +173,35 @@ async def test_a_websocket_for_another_nodes_library_is_held_under_the_handshake
     assert not (tmp_path / "dbs" / "theirs.sqlite").exists()
 
 
+async def test_a_held_refusal_ends_when_what_the_server_owns_changes(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    """A client held while its library moves retries as soon as the library may have a home,
+    not after the whole hold; the refusal still happens (the retry is held again if needed)."""
+    refused_after: list[float] = []
+
+    async def accept() -> None:
+        raise AssertionError("not owned: never accepted")
+
+    async with core_owning(tmp_path, {"ours"}, CountingObserver(), refusal_delay_s=30.0) as core:
+        started = trio.current_time()
+
+        async def upgrade() -> None:
+            with pytest.raises(NotServedHere):
+                await core.serve_websocket(info("theirs"), accept, transport=None)  # type: ignore[arg-type]
+            refused_after.append(trio.current_time() - started)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade)
+            await trio.sleep(2.0)
+            assert refused_after == []  # held
+            core.ownership_changed()
+        async with trio.open_nursery() as nursery:  # a hold that starts now lasts again
+            started = trio.current_time()
+            nursery.start_soon(upgrade)
+    assert [round(t, 3) for t in refused_after] == [2.0, 30.0]
+
+
 class Chunks:
     name = "photo.png"
     type = "image/png"

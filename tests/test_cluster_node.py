@@ -72,6 +72,22 @@ def test_a_node_serves_its_slots_and_changes_with_a_newer_table() -> None:
     assert node.owns(ours)
 
 
+def test_a_node_says_when_slots_become_served() -> None:
+    """`on_change` (wired to the core's `ownership_changed`, which ends held refusals) is called
+    by a newer table and by a fence lifted, not by a fence raised or the same table again."""
+    table = generate(["n1", "n2"])
+    node = ClusterNode("n1", table)
+    calls: list[str] = []
+    node.on_change = lambda: calls.append("changed")
+    node.fence([0])
+    assert calls == []
+    node.unfence([0])
+    moved = table.moved([0], "n2")
+    node.update(moved)
+    node.update(moved)
+    assert calls == ["changed", "changed"]
+
+
 # -- a node in process ------------------------------------------------------------------------
 
 

@@ -7,8 +7,9 @@ HTTP sync batches, files (`core.files`) and the admin operations (`core.admin`).
 In a cluster the core is given `owns(library_id)` and serves only what it owns: a websocket for
 another node's library is refused with 503 (5030) before the upgrade, after a hold
 (`refusal_delay_s`, under the handshake limiter: `@verdant-web/store` 3.6.3 reconnects a
-refused socket at once, forever, so an immediate refusal would make it spin); HTTP requests get
-the same 503 at once (pull clients retry after their interval). `release` stops serving.
+refused socket at once, forever, so an immediate refusal would make it spin; the hold ends early
+when what the server owns changes, `ownership_changed`); HTTP requests get the same 503 at once
+(pull clients retry after their interval). `release` stops serving.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class VerdantCore:
         self._admitted = 0
         """Websockets admitted and not yet finished (handshaking or connected)."""
         self.shutting_down = False
+        self._ownership_changed = trio.Event()
+        """Set (and replaced) by `ownership_changed`: a held refusal then ends at once."""
         self.files = Files(self)
         """Uploads, serving and clean-up of files attached to documents."""
         self.admin = Admin(self)
@@ -155,6 +158,12 @@ class VerdantCore:
                 retry_after_s=1,
             ) from None
 
+    def ownership_changed(self) -> None:
+        """What `owns` answers has changed (a new table, a fence lifted): refusals being held
+        end now, so their clients retry at once (the next one is held again if it must be)."""
+        self._ownership_changed.set()
+        self._ownership_changed = trio.Event()
+
     async def release(self, predicate: Callable[[str], bool]) -> list[str]:
         """Stop serving what `predicate` picks (`owns` must refuse it already); see
         `Libraries.release`. Returns the ids of the libraries that were open."""
@@ -219,8 +228,11 @@ class VerdantCore:
                 except NotServedHere:
                     # Held before the 503 and still under the handshake limiter, so a storm of
                     # refused reconnects waits in line instead of spinning (see the module).
+                    # The hold ends early when what this server owns changes: a client held
+                    # while its library moves retries as soon as the library may have a home.
                     self.observer.refused("websocket")
-                    await trio.sleep(self.settings.refusal_delay_s)
+                    with trio.move_on_after(self.settings.refusal_delay_s):
+                        await self._ownership_changed.wait()
                     raise
                 try:
                     await accept()

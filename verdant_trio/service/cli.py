@@ -10,6 +10,7 @@
     verdant-trio restore --from URL [--library ID]     libraries back from a Litestream replica
     verdant-trio quickstart [--port N]                 the development server (= verdant-server)
     verdant-trio cluster placement|haproxy-config|locate ...   a cluster's table and front
+    verdant-trio cluster move|rebalance|status ...     move slots between running nodes
     verdant-trio cluster-dev --nodes N [--port N]      a development cluster behind HAProxy
 
 Exit status: 0 done, 1 failed, 2 bad usage, 78 bad configuration (EX_CONFIG).
@@ -522,6 +523,13 @@ def node_list(value: str) -> list[str]:
     return names
 
 
+def node_name(value: str) -> str:
+    try:
+        return tables.check_node_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_cluster_placement(args: argparse.Namespace) -> int:
     """The first table for a node list, or (--from) a new version of a table for a new list."""
     try:
@@ -618,6 +626,205 @@ def run_cluster_locate(args: argparse.Namespace) -> int:
         elif owner == args.node:
             print(entry)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterAccess:
+    """How a tool reaches every node's internal listener, from one node's configuration."""
+
+    urls: dict[str, str]
+    secret: str
+
+
+def cluster_access(args: argparse.Namespace) -> ClusterAccess:
+    loaded = load_for_tool(args)
+    if loaded is None:
+        raise CommandError("--config: a node's configuration ([cluster] names every node)")
+    cluster = loaded.settings.cluster
+    if cluster is None:
+        raise CommandError(f"{loaded.settings.config_path}: no [cluster] section")
+    if cluster.internal_port is None:
+        raise CommandError(f"{loaded.settings.config_path}: [cluster] internal_port is not set")
+    if not cluster.secret:
+        raise CommandError(
+            f"{loaded.settings.config_path}: no cluster secret ([cluster] secret or secret_file; "
+            "--credentials-dir for a file under ${CREDENTIALS_DIRECTORY})"
+        )
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        cluster.internal_host, cluster.internal_host
+    )
+    host = f"[{host}]" if ":" in host else host
+    urls = {cluster.node_id: f"http://{host}:{cluster.internal_port}", **cluster.peers}
+    return ClusterAccess(urls, cluster.secret)
+
+
+def _front(args: argparse.Namespace) -> Any:
+    from .cluster.runtime import HaproxyFront
+
+    if args.no_haproxy:
+        print("warning: --no-haproxy: HAProxy's map is not changed; it routes by the old table "
+              "until you change it", file=sys.stderr)
+        return None
+    return HaproxyFront(args.haproxy_socket, args.haproxy_map)
+
+
+def _say(text: str) -> None:
+    print(f"  {text}", file=sys.stderr, flush=True)
+
+
+def _run_moves(args: argparse.Namespace, work: Callable[..., Any]) -> int:
+    """Run `work(nodes, front)` (a list of move reports); print them; 0 if every move worked."""
+    from .cluster.move import MoveRefused
+    from .cluster.peer import open_peers
+
+    access = cluster_access(args)
+    front = _front(args)
+
+    async def main() -> list[Any]:
+        async with open_peers(access.urls, access.secret) as nodes:
+            reports: list[Any] = await work(nodes, front)
+            return reports
+
+    try:
+        reports = trio.run(main)
+    except MoveRefused as exc:
+        raise CommandError(str(exc)) from None
+    if args.json:
+        print_json([report.to_json() for report in reports])
+    else:
+        for report in reports:
+            print(report.summary())
+        if not reports:
+            print("nothing to move")
+    return 0 if all(report.ok for report in reports) else 1
+
+
+def slot_selection(args: argparse.Namespace) -> frozenset[int]:
+    slots: set[int] = set()
+    if args.slots:
+        try:
+            slots |= tables.parse_slots(args.slots)
+        except ValueError as exc:
+            raise CommandError(f"SLOTS: {exc}") from None
+    for library in args.library or ():
+        slots.add(tables.slot_of(library))
+    if not slots:
+        raise CommandError("name the slots to move (e.g. 0:99,512) or --library ID")
+    return frozenset(slots)
+
+
+def run_cluster_move(args: argparse.Namespace) -> int:
+    from .cluster.move import move_slots
+
+    slots = slot_selection(args)
+
+    async def work(nodes: Any, front: Any) -> Any:
+        print(f"moving slots {tables.format_slots(slots)} to {args.to}", file=sys.stderr)
+        return await move_slots(nodes, front, slots, args.to,
+                                post_commit_timeout_s=args.timeout, on_step=_say)
+
+    return _run_moves(args, work)
+
+
+def run_cluster_rebalance(args: argparse.Namespace) -> int:
+    from .cluster.move import MoveReport, rebalance_slots
+
+    if args.slots_per_move < 1:
+        raise CommandError("--slots-per-move must be at least 1")
+
+    def progress(report: MoveReport) -> None:
+        print(report.summary(), file=sys.stderr, flush=True)
+
+    async def work(nodes: Any, front: Any) -> list[MoveReport]:
+        print(f"rebalancing to {', '.join(args.nodes)}", file=sys.stderr)
+        return await rebalance_slots(
+            nodes, front, args.nodes, max_slots=args.slots_per_move,
+            post_commit_timeout_s=args.timeout, on_step=_say, on_report=progress,
+        )
+
+    return _run_moves(args, work)
+
+
+def run_cluster_status(args: argparse.Namespace) -> int:
+    from .cluster.peer import PeerError, open_peers
+    from .cluster.runtime import HaproxyFront, RuntimeApiError, server_states
+
+    access = cluster_access(args)
+
+    async def main() -> dict[str, Any]:
+        nodes_found: dict[str, Any] = {}
+        table = None
+        async with open_peers(access.urls, access.secret) as nodes:
+
+            async def ask(name: str) -> None:
+                try:
+                    nodes_found[name] = await nodes[name].call("GET", "/cluster/status")
+                except PeerError as exc:
+                    nodes_found[name] = {"node": name, "error": exc.message}
+
+            async with trio.open_nursery() as nursery:
+                for name in nodes:
+                    nursery.start_soon(ask, name)
+            answered = [n for n in nodes_found.values() if "version" in n]
+            if answered:
+                newest = max(answered, key=lambda n: n["version"])
+                text = await nodes[newest["node"]].call("GET", "/cluster/placement")
+                table = tables.parse(str(text), f"{newest['node']}'s table")
+        haproxy: dict[str, Any] | None = None
+        if not args.no_haproxy:
+            try:
+                states = await server_states(args.haproxy_socket)
+                haproxy = {"servers": {srv: state for (_, srv), state in sorted(states.items())}}
+                if table is not None:
+                    front = HaproxyFront(args.haproxy_socket, args.haproxy_map)
+                    haproxy["routes_by_version"] = (
+                        table.version if await front.routes_by(table) else None
+                    )
+            except RuntimeApiError as exc:
+                haproxy = {"error": str(exc)}
+        return {"nodes": dict(sorted(nodes_found.items())), "haproxy": haproxy}
+
+    found = trio.run(main)
+    if args.json:
+        print_json(found)
+    else:
+        print_cluster_status(found)
+    return 1 if any("error" in n for n in found["nodes"].values()) else 0
+
+
+def print_cluster_status(found: Mapping[str, Any]) -> None:
+    header = ("node", "table", "slots", "served", "fenced", "open", "shards", "stray", "move")
+    rows: list[tuple[str, ...]] = []
+    for name, n in found["nodes"].items():
+        if "error" in n:
+            rows.append((name, f"unreachable: {n['error']}"))
+            continue
+        move = n.get("move")
+        rows.append((
+            name, f"v{n['version']}", str(n["slots_in_table"]), str(n["slots_served"]),
+            n["fenced"] or "-", str(n["libraries_open"]), str(n["shards"]),
+            str(n["stray_shards"]),
+            f"{move['move']} ({move['role']}, {move['phase']}, slots {move['slots']}, "
+            f"{move['lease_left_s']:.0f} s of lease left)" if move else "-",
+        ))
+    full = [row for row in rows if len(row) == len(header)]
+    widths = [max(len(row[i]) for row in [header, *full]) for i in range(len(header))]
+    for row in [header, *rows]:
+        if len(row) != len(header):
+            print(f"{row[0].ljust(widths[0])}  {row[1]}")
+            continue
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    haproxy = found.get("haproxy")
+    if haproxy is None:
+        return
+    if "error" in haproxy:
+        print(f"HAProxy: {haproxy['error']}")
+        return
+    print("HAProxy: " + ", ".join(f"{srv} {state}" for srv, state in haproxy["servers"].items()))
+    if "routes_by_version" in haproxy:
+        version = haproxy["routes_by_version"]
+        print(f"HAProxy's map: table v{version}" if version
+              else "HAProxy's map: not the newest table (a move that did not finish?)")
 
 
 def run_cluster_dev(args: argparse.Namespace) -> int:
@@ -808,6 +1015,53 @@ def build_parser() -> argparse.ArgumentParser:
                         help="take directories as entries, not as lists of them")
     locate.add_argument("paths", type=Path, nargs="+", help="shards, or directories of them")
     locate.set_defaults(run=run_cluster_locate)
+
+    def connection_options(parser: argparse.ArgumentParser, *, moves: bool = True) -> None:
+        add_config_option(parser)
+        add_credentials_option(parser)
+        parser.add_argument("--haproxy-socket", type=Path, default=Path("/run/haproxy/admin.sock"),
+                            help="HAProxy's runtime API (default: Debian's)")
+        parser.add_argument("--haproxy-map", default=None,
+                            help="the placement map as HAProxy loaded it (default: its only map)")
+        parser.add_argument("--no-haproxy", action="store_true",
+                            help="leave HAProxy alone (it then routes by the old table)")
+        parser.add_argument("--json", action="store_true", help="print the result as JSON")
+        if moves:
+            parser.add_argument(
+                "--timeout", type=float, default=60.0,
+                help="how long the steps after the switch are retried (s; default 60)",
+            )
+
+    move = cluster_commands.add_parser(
+        "move", help="move slots to another running node",
+        description="Move slots between running nodes with no acknowledged operation lost: "
+        "the old owner stops serving them and closes their databases, the new owner copies "
+        "and checks them, the table switches on every node and in HAProxy, the new owner "
+        "serves, the old one deletes its copies. A failure before the switch undoes the move; "
+        "after it, run the same command again to finish it.",
+    )
+    move.add_argument("slots", nargs="?", help="slots, e.g. 17 or 0:99,512")
+    move.add_argument("--library", action="append", help="the slot of this library id (repeatable)")
+    move.add_argument("--to", required=True, type=node_name, help="the node that gets the slots")
+    connection_options(move)
+    move.set_defaults(run=run_cluster_move)
+    rebalance = cluster_commands.add_parser(
+        "rebalance", help="move slots so that a node list shares them evenly",
+        description="The table for the node list that moves as few slots as possible "
+        "(`cluster placement --from` computes the same), reached by moves between the running "
+        "nodes, one after another. New nodes must be running, in HAProxy's configuration and "
+        "in this configuration's [cluster] peers.",
+    )
+    rebalance.add_argument("--nodes", type=node_list, required=True, help="n1,n2,n3,n4")
+    rebalance.add_argument("--slots-per-move", type=int, default=256,
+                           help="at most this many slots per move (default 256)")
+    connection_options(rebalance)
+    rebalance.set_defaults(run=run_cluster_rebalance)
+    status = cluster_commands.add_parser(
+        "status", help="every node's table version, slots, libraries and moves in progress"
+    )
+    connection_options(status, moves=False)
+    status.set_defaults(run=run_cluster_status)
 
     dev = commands.add_parser(
         "cluster-dev", help="a development cluster: N nodes and HAProxy on loopback",

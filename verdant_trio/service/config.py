@@ -562,7 +562,9 @@ SCHEMA: Final[tuple[Key, ...]] = (
         "A websocket for a library of another node is held this long before its 503:\n"
         "@verdant-web/store reconnects a refused socket at once, forever."),
     Key("cluster", "move_timeout_s", number(above=0), 60.0,
-        "How long moving a slot (release, copy, switch) may take before it is undone."),
+        "A node's lease on its part of a move (release, copy, switch): a move that takes\n"
+        "longer is undone, and one whose command went away ends safely on each node after it\n"
+        "(README: Moving slots). Raise it on every node to move big libraries."),
 )  # fmt: skip
 
 KEYS: Final = {(k.section, k.name): k for k in SCHEMA}

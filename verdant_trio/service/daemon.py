@@ -11,6 +11,10 @@ hand (its worker thread is never abandoned), checkpoints its WAL and closes its 
 signal, or `shutdown_timeout_s` + `SHUTDOWN_EXTRA_S` without an end, cancels the requests at once;
 the shards still close cleanly, because that part is shielded.
 
+A cluster node with an `internal_port` also serves the node-to-node listener (`cluster.transfer`,
+moving slots) in the same nursery as the node's release task: it stops taking requests at the
+shutdown signal and gives those in flight the graceful timeout.
+
 SIGHUP re-reads the config file and applies what is safe to change under load ([logging] and
 [profiles]); connections are untouched. A broken file is logged and the old settings stay. A
 cluster node also re-reads its placement table: slots lost are fenced at once and released
@@ -39,6 +43,7 @@ from ..transport.listeners import Listeners
 from . import logs
 from .cluster.node import ClusterNode, PlacementRefused
 from .cluster.placement import slot_of
+from .cluster.transfer import Transfers, serve_internal
 from .config import SCHEMA, ConfigError, LoadedConfig, ProfilesSettings, ServerSettings
 from .health import Health, register_health
 from .metrics import PrometheusObserver, RequestHooks
@@ -136,6 +141,8 @@ class Server:
             ClusterNode(cluster.node_id, cluster.placement, cluster.peers) if cluster else None
         )
         """This node's slots, in a cluster (None: a single server, which owns everything)."""
+        self.transfers: Transfers | None = None
+        """The node's side of slot moves, once its internal listener runs."""
         if self.cluster is not None and self.observer is not None:
             self.observer.track_cluster(self.cluster)
 
@@ -188,7 +195,9 @@ class Server:
                     core.begin_shutdown()
 
                 if self.cluster is not None:  # lives as long as the listeners (below)
+                    self.cluster.on_change = core.ownership_changed
                     await cluster_nursery.start(self.cluster.run, core)
+                    await self._start_internal(cluster_nursery, core, file_storage, shutdown)
 
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
@@ -214,6 +223,30 @@ class Server:
             directory_lock.release()
             await _close_source(self.profiles.source)
         log.info("stopped: every library closed")
+
+    async def _start_internal(
+        self,
+        nursery: trio.Nursery,
+        core: VerdantCore,
+        file_storage: LocalFileStorage | None,
+        shutdown: trio.Event,
+    ) -> None:
+        """The node-to-node listener (moving slots), if `[cluster] internal_port` is set."""
+        cluster, node = self.settings.cluster, self.cluster
+        if cluster is None or node is None or cluster.internal_port is None:
+            return
+        assert cluster.secret is not None  # the config requires it with internal_port
+        self.transfers = Transfers(
+            node, core, secret=cluster.secret, placement_file=cluster.placement_file,
+            databases_dir=self.settings.core.libraries.databases_dir,
+            files_root=file_storage.root if file_storage is not None else None,
+            lease_s=cluster.move_timeout_s,
+        )
+        await nursery.start(partial(
+            serve_internal, self.transfers, secret=cluster.secret, host=cluster.internal_host,
+            port=cluster.internal_port, shutdown=shutdown,
+            graceful_timeout_s=self.settings.graceful_timeout_s,
+        ))
 
     def reload(self, new: LoadedConfig, old: LoadedConfig) -> list[tuple[str, str]]:
         """Apply the reloadable part of `new`; returns the changed keys that need a restart."""

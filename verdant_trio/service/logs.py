@@ -224,6 +224,11 @@ def configure(
         root.addHandler(_handler)
     _handler.setFormatter(formatter)
     root.setLevel(level_number(settings.level))
+    # httpx says INFO for every request it makes (profile lookups, each file a move copies):
+    # what they did is logged by our own lines; its own lines only at DEBUG
+    logging.getLogger("httpx").setLevel(
+        logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    )
 
 
 def level_number(name: str) -> int:

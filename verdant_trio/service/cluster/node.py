@@ -58,6 +58,9 @@ class ClusterNode:
         """Set while no release is pending or running (`wait_released`)."""
         self._settled.set()
         self.libraries_released = 0
+        self.on_change: Callable[[], None] | None = None
+        """Called when slots become served (a new table, a fence lifted): the daemon wires it
+        to `VerdantCore.ownership_changed`, so refusals held meanwhile end at once."""
         self._recompute()
 
     # -- what the engine asks -----------------------------------------------------------------
@@ -67,6 +70,15 @@ class ClusterNode:
 
     def serves(self, slot: int) -> bool:
         return bool(self._serving[slot])
+
+    @property
+    def fenced(self) -> frozenset[int]:
+        """Slots held back whatever the table says (a move in progress)."""
+        return frozenset(self._fenced)
+
+    def in_table(self, slot: int) -> bool:
+        """Whether the table gives `slot` to this node (fenced or not)."""
+        return self.placement.owners[slot] == self.node_id
 
     @property
     def slots_owned(self) -> int:
@@ -100,6 +112,7 @@ class ClusterNode:
             self.node_id, placement.version, self.slots_owned, len(lost), gained,
         )
         self._release_soon(lost)
+        self._changed()
 
     def fence(self, slots: Iterable[int]) -> None:
         """Stop serving `slots` now, whatever the table says (a move in progress); their open
@@ -114,6 +127,11 @@ class ClusterNode:
         """Serve `slots` again, if the table gives them to this node."""
         self._fenced -= set(slots)
         self._recompute()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def _recompute(self) -> None:
         node, fenced = self.node_id, self._fenced

@@ -351,3 +351,26 @@ def _missing_runs(slots: list[int]) -> list[str]:
         else:
             runs.append([slot, slot])
     return [str(a) if a == b else f"{a}:{b}" for a, b in runs]
+
+
+def format_slots(slots: Iterable[int]) -> str:
+    """Slots as `first:last` runs and single slots, comma-separated (`0:9,17`); `parse_slots`
+    reads it back. How the CLI takes slots and the node-to-node API sends them."""
+    return ",".join(_missing_runs(sorted(set(slots))))
+
+
+def parse_slots(text: str) -> frozenset[int]:
+    """`0:9,17,100:200` -> those slots; `ValueError` for anything else (an empty list too)."""
+    if not isinstance(text, str):
+        raise ValueError(f"slots are text like 0:9,17, got {text!r}")
+    slots: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(rf"\s*({_NUMBER})(?::({_NUMBER}))?\s*", part)
+        if not match:
+            raise ValueError(f"expected a slot or first:last, got {part.strip()!r}")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first or last >= SLOT_COUNT:
+            raise ValueError(f"{part.strip()}: slots are 0-{SLOT_COUNT - 1}, first:last ascending")
+        slots.update(range(first, last + 1))
+    return frozenset(slots)

@@ -7,6 +7,7 @@ table reads can be used (and tested) with no file in sight.
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from .placement import Placement, PlacementError, parse, render
@@ -24,14 +25,21 @@ def read_placement(path: str | os.PathLike[str]) -> Placement:
 
 
 def write_placement(path: str | os.PathLike[str], placement: Placement) -> None:
-    """Replace the table file atomically: a reader sees the old table or the new one, whole."""
+    """Replace the table file atomically: a reader sees the old table or the new one, whole.
+
+    The partial file's name is unique, so writers of one file (the nodes of a dev cluster share
+    theirs, and a move writes it on each) never write into each other's partial file."""
     target = Path(path)
-    partial = target.with_name(f".{target.name}.partial")
-    with open(partial, "w", encoding="utf-8") as handle:
-        handle.write(render(placement))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, target)
+    partial = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(render(placement))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
