@@ -257,7 +257,7 @@ async def test_a_lost_disk_is_restored_from_litestream_and_the_clients_fill_the_
                     wires = [await c.wire() for c in clients]
                     return sum(1 for w in wires for at in acknowledged(w).values() if at > since_ms)
 
-                for _attempt in range(5):
+                for _attempt in range(10):
                     frozen_ms = time.time() * 1000
                     replicating.send_signal(signal.SIGSTOP)
                     with trio.move_on_after(5):
@@ -265,6 +265,13 @@ async def test_a_lost_disk_is_restored_from_litestream_and_the_clients_fill_the_
                             await trio.sleep(0.05)
                         break
                     replicating.send_signal(signal.SIGCONT)
+                    # let the server catch up before the next try, so a try never starts while
+                    # the server still waits for the lock the last freeze held (on a loaded CI
+                    # machine the lock is held longer, and five tries in a row once all failed)
+                    thawed_ms = time.time() * 1000
+                    with trio.fail_after(30):
+                        while await acknowledged_since(thawed_ms) < 1:
+                            await trio.sleep(0.05)
                 else:
                     raise AssertionError("the server acknowledged nothing while Litestream was frozen")
                 # the machine dies: the server and Litestream with it, and the disk

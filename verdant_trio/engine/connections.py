@@ -245,10 +245,14 @@ class ReplicaConnection:
             self._nursery.cancel_scope.cancel()
 
     def _gone(self) -> None:
-        """The peer went (or the socket failed): stop, with nothing more to say to it."""
+        """The peer went (or the socket failed): nothing more is said to it.
+
+        The reader is not cancelled: it may hold messages the peer sent before its close frame
+        (read ahead in the same packet, the usual way a client leaves), and it ends by itself
+        with `Disconnected` once it has handed them over, since the input is already here (a
+        torn socket fails its reads as well as its writes).
+        """
         self.closing = True
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
 
     # -- the connection's life --------------------------------------------------------------
 
