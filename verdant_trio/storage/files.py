@@ -20,13 +20,17 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import quote
 
 import trio
 
 from ..sync.errors import ErrorCode, VerdantError
 from .names import encode_id, safe_file_name
+
+UPLOAD_PREFIX: Final = ".upload-"
+"""Names of uploads in progress (`<prefix><random>.part` beside the final file): never a
+stored file, and never part of a copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +109,7 @@ class LocalFileStorage:
         directory = self.directory(library_id, file_id)
         final = directory / safe_file_name(name)
         await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
-        temp = directory / f".upload-{secrets.token_hex(8)}.part"
+        temp = directory / f"{UPLOAD_PREFIX}{secrets.token_hex(8)}.part"
         size = 0
         completed = False
         try:
@@ -129,7 +133,7 @@ class LocalFileStorage:
         os.replace(temp, final)
         # a re-upload under another name leaves no stale copy behind
         for other in directory.iterdir():
-            if other != final and not other.name.startswith(".upload-"):
+            if other != final and not other.name.startswith(UPLOAD_PREFIX):
                 _unlink_quietly(other)
         fd = os.open(directory, os.O_RDONLY)
         try:
@@ -162,7 +166,7 @@ class LocalFileStorage:
         for part in (library_name, file_name, name):
             if not part or part in (".", "..") or "/" in part or "\\" in part or "\x00" in part:
                 return None
-            if part.startswith(".upload-"):
+            if part.startswith(UPLOAD_PREFIX):
                 return None
         path = self.root / library_name / file_name / name
         try:

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 import apsw
 
+from ...storage.files import UPLOAD_PREFIX
 from ...storage.names import decode_name, encode_id, safe_file_name
 from ...sync.errors import VerdantError
 from .placement import SLOT_COUNT, slot_of
@@ -38,8 +39,6 @@ CHUNK_BYTES: Final = 256 * 1024
 INCOMING_PREFIX: Final = ".incoming-"
 """Staging directories of a receive, inside the databases and files directories: a name no
 shard or library directory can have (`storage.names` never starts one with a dot)."""
-TEMP_FILE_PREFIX: Final = ".upload-"
-"""Uploads in progress (`storage.files`): never part of a copy."""
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 
 
@@ -239,7 +238,7 @@ def _file_path(entry: Mapping[str, Any]) -> str:
         well_formed = False
     if not well_formed:
         raise ValueError(f"{path!r}: not an encoded file id")
-    if not name or name != safe_file_name(name) or name.startswith(TEMP_FILE_PREFIX):
+    if not name or name != safe_file_name(name) or name.startswith(UPLOAD_PREFIX):
         raise ValueError(f"{path!r}: not a stored file name")
     return str(path)
 
