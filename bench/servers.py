@@ -152,6 +152,17 @@ class Target:
         return memory_kb(self.pid) if self.pid is not None else {}
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it takes longer than `timeout_s`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -247,13 +258,7 @@ def start_cluster(
             notes={"nodes": str(nodes), "front": info["front"]},
         )
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(40)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 40)
         log_file.close()
         if keep_log is not None:
             keep_log.parent.mkdir(parents=True, exist_ok=True)
@@ -306,13 +311,7 @@ def start_server(
             data_dir=data_dir, log_path=log_path, cpu_core=core,
         )
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 20)
         log_file.close()
         if keep_log is not None:
             keep_log.parent.mkdir(parents=True, exist_ok=True)
