@@ -21,8 +21,8 @@ class RecordingPeer:
     inbox: list[dict[str, Any]] = field(default_factory=list)
     closed_with: tuple[int, str] | None = None
 
-    def deliver(self, payload: bytes) -> None:
-        self.inbox.append(orjson.loads(payload))
+    def deliver(self, *payloads: bytes) -> None:
+        self.inbox.extend(orjson.loads(payload) for payload in payloads)
 
     def close_soon(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)

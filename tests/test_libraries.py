@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import trio
 
@@ -89,12 +91,12 @@ async def test_acks_are_sent_only_after_the_commit(tmp_path: Path) -> None:
 
     @dataclass(eq=False)
     class Checking(Peer):
-        def deliver(self, payload: bytes) -> None:
-            if b'"server-ack"' in payload:
+        def deliver(self, *payloads: bytes) -> None:
+            if any(b'"server-ack"' in payload for payload in payloads):
                 other = apsw.Connection(str(tmp_path / "lib.sqlite"))
                 seen.append(other.execute('SELECT COUNT(*) FROM "OperationHistory"').fetchone()[0])
                 other.close()
-            super().deliver(payload)
+            super().deliver(*payloads)
 
     async with libraries(tmp_path) as registry, registry.use("lib") as host:
         writer = Checking(1, "alice")
@@ -104,15 +106,52 @@ async def test_acks_are_sent_only_after_the_commit(tmp_path: Path) -> None:
     assert seen == [1, 2, 3, 4, 5]
 
 
+async def test_a_batch_reaches_each_peer_in_one_delivery(tmp_path: Path) -> None:
+    """Two writers' operations in one batch: each writer's `server-ack` and the `op-re` of the
+    other's operation reach it in one `deliver`, which its socket writes at once."""
+    deliveries: dict[str, list[list[str]]] = {}
+
+    @dataclass(eq=False)
+    class Counting(Peer):
+        def deliver(self, *payloads: bytes) -> None:
+            kinds = [orjson.loads(payload)["type"] for payload in payloads]
+            deliveries.setdefault(self.user_id, []).append(kinds)
+            super().deliver(*payloads)
+
+    async with libraries(tmp_path) as registry, registry.use("lib") as host:
+        alice, bob = Counting(1, "alice"), Counting(2, "bob")
+        await host.attach(alice)
+        await host.attach(bob)
+        started, gate = threading.Event(), threading.Event()
+
+        def hold(core: Any) -> None:  # the library's turn: both operations queue behind it
+            started.set()
+            gate.wait(10)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(host.call, hold)
+            await trio.to_thread.run_sync(started.wait, 10)
+            deliveries.clear()
+            await host.submit(alice, [op_message("ra", "items/a", 1)])
+            await host.submit(bob, [op_message("rb", "items/b", 2)])
+            gate.set()
+        await settle(alice, "op-re")
+        await settle(bob, "op-re")
+    for user in ("alice", "bob"):
+        first = deliveries[user][0]
+        assert "server-ack" in first and "op-re" in first, deliveries
+
+
 @dataclass(eq=False)
 class Clocked(Peer):
     """Notes when each global-ack is handed to it, on the clock the library's timers use."""
 
     global_acks_at: list[float] = field(default_factory=list)
 
-    def deliver(self, text: str) -> None:
-        super().deliver(text)
-        if self.inbox[-1]["type"] == "global-ack":
+    def deliver(self, *payloads: bytes) -> None:
+        before = len(self.inbox)
+        super().deliver(*payloads)
+        if any(m["type"] == "global-ack" for m in self.inbox[before:]):
             self.global_acks_at.append(time.monotonic())
 
     def delivered_oids(self) -> list[str]:

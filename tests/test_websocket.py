@@ -4,6 +4,7 @@ code, control-frame floods cut off, closes bounded, large messages waiting for m
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -270,6 +271,49 @@ async def test_a_large_message_that_cannot_get_memory_is_closed_with_1013() -> N
     assert budget.waiting == 0
     hog.release()
     assert budget.used_bytes == 0
+
+
+async def test_messages_handed_over_together_leave_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch's messages for one peer cost one system call: one segment for the peer, or for a
+    proxy in between, to read and forward."""
+    async with pair() as (ws, peer):
+        writes: list[int] = []
+        real_write, real_writev = os.write, os.writev
+
+        def write(fd: int, data: bytes) -> int:
+            writes.append(len(data))
+            return real_write(fd, data)
+
+        def writev(fd: int, buffers: list[bytes]) -> int:
+            writes.append(sum(len(b) for b in buffers))
+            return real_writev(fd, buffers)
+
+        messages = [b'{"type":"server-ack"}', b'{"type":"op-re"}', b'{"type":"global-ack"}']
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "write", write)
+            patched.setattr(os, "writev", writev)
+            assert ws.write_now(*messages)
+        assert len(writes) == 1
+        assert [bytes((await peer.next_frame()).data) for _ in messages] == messages
+
+
+async def test_a_partial_write_of_several_messages_finishes_in_order() -> None:
+    """Past what the socket takes at once, `flush` sends the rest from where the kernel
+    stopped, inside a frame or between two."""
+    async with pair() as (ws, peer):
+        big = ("ü" * 600_000).encode()  # more than a socket buffer, header and payload apart
+        messages = [b'{"n":1}', big, b'{"n":3}', big[:70_000], b'{"n":5}']
+        assert ws.write_now(*messages)
+        assert ws.pending_output
+        received: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ws.flush)
+            for _ in messages:
+                received.append(bytes((await peer.next_frame()).data))
+        assert not ws.pending_output
+        assert received == messages
 
 
 async def test_sends_frame_small_and_large_messages_the_library_reads() -> None:

@@ -81,8 +81,9 @@ class Transport(Protocol):
     def release_all(self) -> None:
         """The connection is over: give back any memory reserved for its messages."""
 
-    def write_now(self, payload: bytes) -> bool:
-        """Write a text message without waiting if nothing is ahead of it; False: `send` it."""
+    def write_now(self, *payloads: bytes) -> bool:
+        """Write text messages (in one write) without waiting if nothing is ahead of them;
+        False: `send` them."""
 
     @property
     def pending_output(self) -> bool:
@@ -209,14 +210,14 @@ class ReplicaConnection:
 
     # -- Peer -------------------------------------------------------------------------------
 
-    def deliver(self, payload: bytes) -> None:
-        """Hand a message to the socket, or to the writer if the socket is behind; never waits."""
-        if self.closing:
+    def deliver(self, *payloads: bytes) -> None:
+        """Hand messages to the socket, or to the writer if the socket is behind; never waits."""
+        if self.closing or not payloads:
             return
         outbox = self._outbox
         if outbox is None:
             try:
-                if self._transport.write_now(payload):
+                if self._transport.write_now(*payloads):
                     if self._transport.pending_output:
                         self._start_writer()
                     return
@@ -224,7 +225,7 @@ class ReplicaConnection:
                 self._gone()
                 return
             outbox = self._start_writer()
-        if len(outbox) >= self._settings.outbound_queue:
+        if len(outbox) + len(payloads) > self._settings.outbound_queue:
             log.warning(
                 "closing slow consumer: outbound queue full library=%s user=%s replica=%s "
                 "queue=%d",
@@ -233,7 +234,7 @@ class ReplicaConnection:
             self._observer.slow_consumer()
             self.close_soon(CloseCode.TRY_AGAIN_LATER, "outbound queue full (slow consumer)")
             return
-        outbox.append(payload)
+        outbox.extend(payloads)
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close from anywhere on the event loop: the connection's tasks end and it closes."""
@@ -472,13 +473,14 @@ class HttpPeer:
     def close_soon(self, code: int, reason: str) -> None:
         """A request ends with its batch; there is no connection to close."""
 
-    def deliver(self, payload: bytes) -> None:
+    def deliver(self, *payloads: bytes) -> None:
         # Bounded: a request lives for one batch, but broadcasts from other replicas in that
         # batch reach it too. Past the bound the client simply pulls again.
-        if len(self.payloads) >= self._max:
-            self.truncated = True
-            return
-        self.payloads.append(payload)
+        for payload in payloads:
+            if len(self.payloads) >= self._max:
+                self.truncated = True
+                return
+            self.payloads.append(payload)
 
     def body(self) -> bytes:
         return b'{"messages":[' + b",".join(self.payloads) + b"]}"

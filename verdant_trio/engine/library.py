@@ -500,11 +500,32 @@ class LibraryHost:
             self._hand_over(encode_sends(sends))
 
     def _hand_over(self, encoded: Encoded) -> None:
+        """Each peer gets what the batch has for it in one `deliver`: a writer's `server-ack`
+        and the `op-re` of its peers' operations leave in one write (one segment for HAProxy
+        to read and forward, not two). When no peer gets two messages (a fan-out: one `op-re`
+        to every listener), each message goes straight out, without grouping."""
         observer = self._observer
-        for kind, payload, peers in encoded:
+        recipients = 0
+        for kind, _payload, peers in encoded:
             observer.message_out(kind, len(peers))
+            recipients += len(peers)
+        if len(encoded) == 1 or len(
+            {peer.key for _kind, _payload, peers in encoded for peer in peers}
+        ) == recipients:
+            for _kind, payload, peers in encoded:
+                for peer in peers:
+                    peer.deliver(payload)
+            return
+        by_peer: dict[int, tuple[Peer, list[bytes]]] = {}
+        for _kind, payload, peers in encoded:
             for peer in peers:
-                peer.deliver(payload)
+                held = by_peer.get(peer.key)
+                if held is None:
+                    by_peer[peer.key] = (peer, [payload])
+                else:
+                    held[1].append(payload)
+        for peer, payloads in by_peer.values():
+            peer.deliver(*payloads)
 
     def _maybe_empty(self) -> None:
         core = self.core

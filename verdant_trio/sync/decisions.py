@@ -55,9 +55,10 @@ class Peer(Protocol):
     replica_id: str | None
     profile: Any
 
-    def deliver(self, payload: bytes) -> None:
-        """Hand over an encoded message (UTF-8 JSON) without waiting; a full queue is the
-        peer's problem."""
+    def deliver(self, *payloads: bytes) -> None:
+        """Hand over encoded messages (UTF-8 JSON), in order, without waiting; a full queue is
+        the peer's problem. A library hands each peer all it has for it from one batch in one
+        call, so a socket can take them in one write (one TCP segment, not one per message)."""
 
     def close_soon(self, code: int, reason: str) -> None:
         """End the peer's connection (it reconnects and resyncs); never waits. A request-bound

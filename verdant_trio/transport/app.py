@@ -251,7 +251,7 @@ class _EventTransport:
     def release_all(self) -> None:
         pass
 
-    def write_now(self, payload: bytes) -> bool:
+    def write_now(self, *payloads: bytes) -> bool:
         return False
 
     @property

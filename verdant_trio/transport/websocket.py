@@ -58,6 +58,8 @@ _protocol_log.setLevel(logging.WARNING)
 RECEIVE_BYTES: Final = 64 * 1024
 LARGE_FRAME_BYTES: Final = 64 * 1024
 """Outgoing frames from this size go out as our header and the payload, uncopied."""
+IOV_MAX: Final = 1024
+"""Buffers one `writev` takes (Linux's UIO_MAXIOV); the rest go in the next call."""
 LARGE_MESSAGE_BYTES: Final = 64 * 1024
 """Incoming messages past this size (one read's worth) need a memory reservation."""
 MAX_FRAMES_PER_STEP: Final = 64
@@ -329,16 +331,18 @@ class StreamWebSocket:
         protocol.send_text(payload)
         return tuple(protocol.data_to_send())
 
-    def write_now(self, payload: bytes) -> bool:
-        """Write a text message if nothing is ahead of it; False: queue it for `send`.
+    def write_now(self, *payloads: bytes) -> bool:
+        """Write text messages, all in one write, if nothing is ahead of them; False: queue them
+        for `send`.
 
-        True means the message is ours: what the socket did not take at once waits for `flush`
-        (see `pending_output`). Never waits, so a library task can hand a message straight to the
+        True means the messages are ours: what the socket did not take at once waits for `flush`
+        (see `pending_output`). Never waits, so a library task can hand messages straight to the
         socket without waking another task.
         """
         if self._writing or self._unsent:
             return False
-        self._unsent.extend(memoryview(part) for part in self._frame(payload))
+        frames = [memoryview(part) for payload in payloads for part in self._frame(payload)]
+        self._unsent.extend(frames)
         try:
             self._write_some()
         except _TRANSPORT_ERRORS:
@@ -388,17 +392,21 @@ class StreamWebSocket:
                 self._write_done = None
 
     def _write_some(self) -> bool:
-        """Write until done or the socket is full; True when nothing is left."""
+        """Write until done or the socket is full; True when nothing is left. Several frames go
+        in one `writev`: one segment for the peer (or a proxy) to read, not one per frame."""
         unsent = self._unsent
         fd = self._socket.fileno()
         while unsent:
             try:
-                sent = os.write(fd, unsent[0])
+                sent = os.write(fd, unsent[0]) if len(unsent) == 1 else os.writev(fd, unsent[:IOV_MAX])
             except BlockingIOError:
                 return False
-            if sent == len(unsent[0]):
-                del unsent[0]
-            else:
+            done = 0
+            while done < len(unsent) and sent >= len(unsent[done]):
+                sent -= len(unsent[done])
+                done += 1
+            del unsent[:done]
+            if sent:
                 unsent[0] = unsent[0][sent:]
         return True
 
