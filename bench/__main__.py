@@ -2,6 +2,7 @@
 
     python -m bench --servers ours,node --scenario all --json bench/results/run.json
     python -m bench --url http://127.0.0.1:3242 --secret S [--server-pid PID] --scenario fanout
+    python -m bench --servers ours,cluster-1 --interleave 0.5 --scenario libraries
 
 With `--servers`, each scenario gets a fresh server in a fresh data directory, pinned with
 `taskset` to `--server-core` while the generator pins itself to `--generator-core`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -26,10 +28,24 @@ import trio
 
 from .replica import Endpoint
 from .report import render_table
-from .scenarios import SCENARIOS, Options
+from .scenarios import INTERLEAVED, SCENARIOS, Options
 from .servers import Target, cpu_model, git_revision, node_version, start_server
+from .turns import Turns
 
 DEFAULT_SECRET = "bench-secret-0123456789abcdef0123"
+
+
+def server_pids(text: str) -> dict[str, int]:
+    """`1234` (one process), or `n1=1234,haproxy=1240` (several, each named)."""
+    if text.isdigit():
+        return {"": int(text)}
+    pids: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, pid = part.partition("=")
+        if not name or not pid.isdigit():
+            raise argparse.ArgumentTypeError(f"expected PID or NAME=PID,..., got {text!r}")
+        pids[name] = int(pid)
+    return pids
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        "(default: ours)")
     where.add_argument("--url", help="an already running server's base URL (http://host:port)")
     p.add_argument("--secret", default=None, help="token secret of the server")
-    p.add_argument("--server-pid", type=int, help="with --url: pid to read CPU and memory from")
+    p.add_argument("--server-pid", type=server_pids, default={},
+                   help="with --url: pid to read CPU and memory from, or NAME=PID,... for a "
+                   "server of several processes (a cluster's nodes and HAProxy)")
     p.add_argument("--sync-path", default="/verdant")
     p.add_argument("--scenario", default="all",
                    help=f"comma-separated: {', '.join(SCENARIOS)} or all")
@@ -59,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "summarise with python -m bench.profile DIR/FILE")
     p.add_argument("--keep-logs", type=Path, metavar="DIR", help="copy each server's log here")
     p.add_argument("--repeat", type=int, default=1, help="run each scenario N times")
+    p.add_argument("--interleave", type=float, metavar="SLICE_S",
+                   help="with two --servers: run both at once, loaded in turns of SLICE_S "
+                   f"seconds, so both see the same machine ({', '.join(sorted(INTERLEAVED))})")
     d = Options()
     p.add_argument("--duration", type=float, default=d.duration_s, help="measurement window (s)")
     p.add_argument("--warmup", type=float, default=d.warmup_s)
@@ -105,6 +126,35 @@ async def run_scenario(name: str, target: Target, client: str, opts: Options) ->
         result = await SCENARIOS[name](target, endpoint, opts)
         nursery.cancel_scope.cancel()
     return result
+
+
+async def run_interleaved(
+    name: str, targets: list[Target], client: str, opts: Options, slice_s: float
+) -> list[dict[str, Any]]:
+    """One scenario on each target at once, sending in turns (see `bench.turns`)."""
+    turns = Turns(len(targets), slice_s)
+    results: list[dict[str, Any]] = [{} for _ in targets]
+    async with trio.open_nursery() as nursery:
+
+        async def one(index: int, target: Target) -> None:
+            assert target.secret is not None
+            turn = turns.party(index)
+            endpoint = Endpoint(target.sync_url, target.secret, client, nursery)
+            try:
+                results[index] = await SCENARIOS[name](
+                    target, endpoint, dataclasses.replace(opts, turn=turn)
+                )
+            finally:
+                turn.finished()
+
+        async with trio.open_nursery() as runs:
+            runs.start_soon(turns.conduct)
+            for index, target in enumerate(targets):
+                runs.start_soon(one, index, target)
+        nursery.cancel_scope.cancel()
+    for result, given in zip(results, turns.turns_given, strict=True):
+        result["interleaved"] = {"slice_s": slice_s, "turns": given}
+    return results
 
 
 @contextlib.contextmanager
@@ -155,15 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
     servers = ["url"] if args.url else (args.servers or "ours").split(",")
     secret = args.secret or DEFAULT_SECRET
-    for server in servers:
+    if args.interleave is not None:
+        if len(servers) != 2 or args.url:
+            print("--interleave needs --servers with two servers", file=sys.stderr)
+            return 2
+        if set(names) - INTERLEAVED:
+            print(f"--interleave runs only {', '.join(sorted(INTERLEAVED))}", file=sys.stderr)
+            return 2
+    for server in servers if args.interleave is None else []:
         results[server] = {}
         for name in names:
             for attempt in range(args.repeat):
                 print(f"[bench] {server} {name} ({attempt + 1}/{args.repeat}) ...",
                       file=sys.stderr, flush=True)
                 if server == "url":
-                    target = Target("url", args.url, secret, pid=args.server_pid,
-                                    sync_path=args.sync_path)
+                    pids: dict[str, int] = args.server_pid
+                    target = Target("url", args.url, secret, sync_path=args.sync_path,
+                                    pid=pids.get("") if len(pids) == 1 else None,
+                                    pids={} if len(pids) == 1 and "" in pids else pids)
                     result = trio.run(run_scenario, name, target, args.client, opts)
                 else:
                     with start_server(server, secret=secret,
@@ -177,6 +236,25 @@ def main(argv: list[str] | None = None) -> int:
                         with profiled(target, profile):
                             result = trio.run(run_scenario, name, target, args.client, opts)
                 results[server].setdefault(name, []).append(result)
+                print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
+                      file=sys.stderr, flush=True)
+    for name in names if args.interleave is not None else []:
+        for attempt in range(args.repeat):
+            print(f"[bench] {' + '.join(servers)} {name}, in turns of {args.interleave} s "
+                  f"({attempt + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+            with contextlib.ExitStack() as stack:
+                targets = [
+                    stack.enter_context(start_server(
+                        server, secret=secret, core=args.server_core if pin else None,
+                        log_level=args.log_level,
+                        keep_log=args.keep_logs / f"{server}-{name}-{attempt + 1}.log"
+                        if args.keep_logs else None,
+                    ))
+                    for server in servers
+                ]
+                pair = trio.run(run_interleaved, name, targets, args.client, opts, args.interleave)
+            for server, result in zip(servers, pair, strict=True):
+                results.setdefault(server, {}).setdefault(name, []).append(result)
                 print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
                       file=sys.stderr, flush=True)
     report = {

@@ -21,6 +21,7 @@ import trio
 
 from .replica import Clock, Endpoint, Replica, latency_summary
 from .servers import Target, context_switches, cpu_split, reset_peak, thread_cpu_seconds
+from .turns import Turn
 from .wire import HandshakeRefused, LeanHttp, WsClosed
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class Options:
     http_ops: int = 10
     acks: bool = True
     connect_concurrency: int = 32
+    turn: Turn | None = None
+    """With `--interleave`: this server's turns to send (see `bench.turns`)."""
 
 
 def unique(prefix: str) -> str:
@@ -200,8 +203,11 @@ def op_message(replica: Replica, operations: list[dict[str, Any]]) -> tuple[str,
 class Writer:
     """Keeps `window` op messages in flight; frees a slot on each `server-ack`."""
 
-    def __init__(self, replica: Replica, window: int, sent_at: dict[str, float]) -> None:
+    def __init__(
+        self, replica: Replica, window: int, sent_at: dict[str, float], turn: Turn | None = None
+    ) -> None:
         self.replica = replica
+        self.turn = turn
         self.slots = trio.Semaphore(window)
         self.pending: dict[str, float] = {}
         self.sent_at = sent_at
@@ -257,6 +263,10 @@ class Writer:
                 self.slots.release()
                 return
             self.slots.release()
+            if self.turn is not None:
+                await self.turn.wait()
+                if self.stopping:
+                    return
             await self.send(make_ops(k))
             k += 1
 
@@ -304,7 +314,7 @@ async def fanout(target: Target, endpoint: Endpoint, opts: Options) -> dict[str,
     )
     writer_replica = await open_replica(endpoint, library, "writer", "writer0")
     sent_at: dict[str, float] = {}
-    writer = Writer(writer_replica, opts.window, sent_at)
+    writer = Writer(writer_replica, opts.window, sent_at, opts.turn)
     samples: list[float] = []
     oids = [f"items/o{k}" for k in range(100)]
 
@@ -325,6 +335,8 @@ async def fanout(target: Target, endpoint: Endpoint, opts: Options) -> dict[str,
         await writer.send(initialize_ops(writer_replica.clock, oids))
         with trio.fail_after(60):
             await writer.all_acked.wait()
+        if opts.turn is not None:
+            await opts.turn.ready()
         async with trio.open_nursery() as floods:
             floods.start_soon(_flood, writer, lambda k: [set_op(writer_replica.clock, oids[k % len(oids)], k)])
             await trio.sleep(opts.warmup_s)
@@ -415,7 +427,7 @@ async def libraries(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
     writers = []
     for replica in replicas:
         replica.on_operations = on_operations
-        writers.append(Writer(replica, opts.library_window, sent_at))
+        writers.append(Writer(replica, opts.library_window, sent_at, opts.turn))
     window = Window(target)
     async with trio.open_nursery() as nursery:
         for replica in replicas:
@@ -427,6 +439,8 @@ async def libraries(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
         with trio.fail_after(120):
             for w in writers:
                 await w.all_acked.wait()
+        if opts.turn is not None:
+            await opts.turn.ready()
         async with trio.open_nursery() as floods:
             for w in writers:
                 oids = oid_sets[w.replica.id]
@@ -688,6 +702,8 @@ async def http_push(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
             while True:
                 ops = [set_op(clock, oids[(k + j) % 10], k + j) for j in range(opts.http_ops)]
                 k += opts.http_ops
+                if opts.turn is not None:
+                    await opts.turn.wait()
                 await post([{
                     "type": "op", "replicaId": replica_id, "timestamp": clock.now(),
                     "operations": ops,
@@ -705,6 +721,8 @@ async def http_push(target: Target, endpoint: Endpoint, opts: Options) -> dict[s
         with trio.fail_after(60):
             for ready in readies:
                 await ready.wait()
+        if opts.turn is not None:
+            await opts.turn.ready()
         await trio.sleep(opts.warmup_s)
         measuring["on"] = True
         window.start()
@@ -735,6 +753,9 @@ async def fanout_noack(target: Target, endpoint: Endpoint, opts: Options) -> dic
     result["scenario"] = "fanout-noack"
     return result
 
+
+INTERLEAVED: frozenset[str] = frozenset({"fanout", "fanout-noack", "libraries", "http"})
+"""The scenarios `--interleave` can run: those whose load is clients sending in a loop."""
 
 SCENARIOS: dict[str, Callable[[Target, Endpoint, Options], Awaitable[dict[str, Any]]]] = {
     "fanout": fanout,
