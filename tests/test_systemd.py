@@ -193,3 +193,8 @@ def test_systemd_analyze_verifies_an_instance_of_the_template(tmp_path: Path) ->
     assert result.returncode == 0, result.stdout + result.stderr
     # systemd only warns about a directive it cannot parse ("..., ignoring"): none may be
     assert result.stderr.strip() == "" and result.stdout.strip() == "", result.stderr
+
+
+def test_the_haproxy_drop_in_runs_it_under_batch_scheduling() -> None:
+    drop_in = UNIT.parent / "haproxy.service.d" / "verdant-trio.conf"
+    assert unit_directives(drop_in) == {"Service.CPUSchedulingPolicy": ["batch"]}

@@ -52,6 +52,16 @@ async def open_client(cluster: DevCluster, log_dir: Path, name: str, library: st
     )
 
 
+async def test_haproxy_runs_under_batch_scheduling_and_the_nodes_do_not(cluster: DevCluster) -> None:
+    """What `systemd/haproxy.service.d` does in production: HAProxy, sharing the cores with the
+    nodes, does not preempt a busy node for each message (see `dev.batch_scheduling`)."""
+    haproxy = int(cluster.info["haproxy_pid"])
+    threads = [int(t) for t in os.listdir(f"/proc/{haproxy}/task")]
+    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
+    for name in cluster.names:
+        assert os.sched_getscheduler(int(cluster.node(name)["pid"])) == os.SCHED_OTHER
+
+
 async def test_real_clients_of_one_library_converge_through_the_front(
     cluster: DevCluster, interop_log_dir: Path
 ) -> None:
