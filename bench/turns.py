@@ -33,6 +33,21 @@ class Turns:
     def party(self, index: int) -> Turn:
         return Turn(self, index)
 
+    async def arrive(self) -> None:
+        """Wait until every party has arrived (a barrier)."""
+        self._arrived += 1
+        if self._arrived == self._parties:
+            self._all_here.set()
+        await self._all_here.wait()
+
+    async def wait_turn(self, index: int) -> None:
+        await self._open[index].wait()
+
+    def finish(self, index: int) -> None:
+        self._finished.add(index)
+        self._open[index].set()  # its writers may be waiting to see they are done
+        self._changed.set()
+
     async def conduct(self) -> None:
         """Rotate the turn every `slice_s` from the moment every party is ready until every party
         has finished; a finished party is skipped, and at the end every gate stays open."""
@@ -64,16 +79,10 @@ class Turn:
     index: int
 
     async def ready(self) -> None:
-        turns = self.turns
-        turns._arrived += 1
-        if turns._arrived == turns._parties:
-            turns._all_here.set()
-        await turns._all_here.wait()
+        await self.turns.arrive()
 
     async def wait(self) -> None:
-        await self.turns._open[self.index].wait()
+        await self.turns.wait_turn(self.index)
 
     def finished(self) -> None:
-        self.turns._finished.add(self.index)
-        self.turns._open[self.index].set()  # its writers may be waiting to see they are done
-        self.turns._changed.set()
+        self.turns.finish(self.index)
