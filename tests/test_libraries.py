@@ -142,6 +142,29 @@ async def test_a_batch_reaches_each_peer_in_one_delivery(tmp_path: Path) -> None
         assert "server-ack" in first and "op-re" in first, deliveries
 
 
+async def test_a_peer_that_raises_on_delivery_ends_its_library_and_hangs_no_one(
+    tmp_path: Path,
+) -> None:
+    """A bug in a peer's `deliver` (after the commit) ends the library task, not the server:
+    the waiting sender returns, the shard keeps what was committed, the library reopens."""
+
+    @dataclass(eq=False)
+    class Broken(Peer):
+        def deliver(self, *payloads: bytes) -> None:
+            raise RuntimeError("a bug in a peer")
+
+    async with libraries(tmp_path) as registry:
+        async with registry.use("lib") as host:
+            writer = Broken(1, "alice")
+            await host.attach(writer)
+            with trio.fail_after(10):
+                await host.submit(writer, [op_message("ra", "items/1", 1)], wait=True)
+                await host.closed.wait()
+        async with registry.use("lib") as again:
+            assert again is not host
+            assert await again.call(lambda core: core.shard.operation_count()) == 1
+
+
 @dataclass(eq=False)
 class Clocked(Peer):
     """Notes when each global-ack is handed to it, on the clock the library's timers use."""
