@@ -146,7 +146,8 @@ async def test_a_peer_that_raises_on_delivery_ends_its_library_and_hangs_no_one(
     tmp_path: Path,
 ) -> None:
     """A bug in a peer's `deliver` (after the commit) ends the library task, not the server:
-    the waiting sender returns, the shard keeps what was committed, the library reopens."""
+    the waiting sender returns, its other peers are closed so they reconnect, the shard keeps
+    what was committed, the library reopens."""
 
     @dataclass(eq=False)
     class Broken(Peer):
@@ -155,11 +156,13 @@ async def test_a_peer_that_raises_on_delivery_ends_its_library_and_hangs_no_one(
 
     async with libraries(tmp_path) as registry:
         async with registry.use("lib") as host:
-            writer = Broken(1, "alice")
+            writer, idle = Broken(1, "alice"), Peer(2, "bob")
             await host.attach(writer)
+            await host.attach(idle)
             with trio.fail_after(10):
                 await host.submit(writer, [op_message("ra", "items/1", 1)], wait=True)
                 await host.closed.wait()
+            assert idle.closed_with is not None and idle.closed_with[0] == 1013
         async with registry.use("lib") as again:
             assert again is not host
             assert await again.call(lambda core: core.shard.operation_count()) == 1

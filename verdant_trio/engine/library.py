@@ -220,6 +220,12 @@ class LibraryHost:
         try:
             with self._cancel:
                 await self._loop()
+        except Exception:
+            # A crash: its peers reconnect to the library's next task. An idle one would never
+            # notice otherwise (the core answers heartbeats) and would miss every later
+            # operation of the others. (Eviction, a move and shutdown close theirs themselves.)
+            self.disconnect_all(CloseCode.TRY_AGAIN_LATER, "library is restarting")
+            raise
         finally:
             self.accepting = False
             self._registry.forget(self)
