@@ -187,6 +187,26 @@ def profiled(target: Target, output: Path | None) -> Iterator[None]:
             spy.kill()
 
 
+def fresh_server(
+    args: argparse.Namespace, server: str, name: str, attempt: int, secret: str, pin: bool
+) -> contextlib.AbstractContextManager[Target]:
+    """A new server of kind `server` for one attempt of scenario `name`, with its log kept
+    under `--keep-logs` when asked."""
+    return start_server(
+        server, secret=secret, core=args.server_core if pin else None, log_level=args.log_level,
+        keep_log=args.keep_logs / f"{server}-{name}-{attempt + 1}.log" if args.keep_logs else None,
+    )
+
+
+def record(
+    results: dict[str, dict[str, list[dict[str, Any]]]], server: str, name: str,
+    result: dict[str, Any],
+) -> None:
+    results.setdefault(server, {}).setdefault(name, []).append(result)
+    print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = list(SCENARIOS) if args.scenario == "all" else args.scenario.split(",")
@@ -213,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--interleave runs only {', '.join(sorted(INTERLEAVED))}", file=sys.stderr)
             return 2
     for server in servers if args.interleave is None else []:
-        results[server] = {}
         for name in names:
             for attempt in range(args.repeat):
                 print(f"[bench] {server} {name} ({attempt + 1}/{args.repeat}) ...",
@@ -221,42 +240,28 @@ def main(argv: list[str] | None = None) -> int:
                 if server == "url":
                     pids: dict[str, int] = args.server_pid
                     target = Target("url", args.url, secret, sync_path=args.sync_path,
-                                    pid=pids.get("") if len(pids) == 1 else None,
-                                    pids={} if len(pids) == 1 and "" in pids else pids)
+                                    pid=pids.get(""), pids={k: v for k, v in pids.items() if k})
                     result = trio.run(run_scenario, name, target, args.client, opts)
                 else:
-                    with start_server(server, secret=secret,
-                                      core=args.server_core if pin else None,
-                                      log_level=args.log_level,
-                                      keep_log=args.keep_logs / f"{server}-{name}-{attempt + 1}.log"
-                                      if args.keep_logs else None) as target:
+                    with fresh_server(args, server, name, attempt, secret, pin) as target:
                         profile = None
                         if args.profile and server == "ours":
                             profile = args.profile / f"{server}-{name}-{attempt + 1}.txt"
                         with profiled(target, profile):
                             result = trio.run(run_scenario, name, target, args.client, opts)
-                results[server].setdefault(name, []).append(result)
-                print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
-                      file=sys.stderr, flush=True)
+                record(results, server, name, result)
     for name in names if args.interleave is not None else []:
         for attempt in range(args.repeat):
             print(f"[bench] {' + '.join(servers)} {name}, in turns of {args.interleave} s "
                   f"({attempt + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
             with contextlib.ExitStack() as stack:
                 targets = [
-                    stack.enter_context(start_server(
-                        server, secret=secret, core=args.server_core if pin else None,
-                        log_level=args.log_level,
-                        keep_log=args.keep_logs / f"{server}-{name}-{attempt + 1}.log"
-                        if args.keep_logs else None,
-                    ))
+                    stack.enter_context(fresh_server(args, server, name, attempt, secret, pin))
                     for server in servers
                 ]
                 pair = trio.run(run_interleaved, name, targets, args.client, opts, args.interleave)
             for server, result in zip(servers, pair, strict=True):
-                results.setdefault(server, {}).setdefault(name, []).append(result)
-                print(f"[bench] {server} {name}: " + orjson.dumps(result).decode()[:600],
-                      file=sys.stderr, flush=True)
+                record(results, server, name, result)
     report = {
         "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
